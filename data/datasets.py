@@ -1,0 +1,277 @@
+"""Dataset facts and loaders: the one place that knows channels, size, classes, mean and std.
+
+Every split is loaded once into memory as a uint8 tensor [N, C, H, W] plus int64 labels, exactly the
+pixels torchvision's ToTensor would see (times 255). Batches are then shuffled, converted and
+normalised on the training device (`BatchStream`), so no worker processes are spawned per pass and
+the numbers equal the reference's ToTensor + Normalize pipeline.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    img_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+    # ResNets use the CIFAR stem (3x3, no max pool) on CIFAR and the ImageNet stem elsewhere, as the
+    # reference does; image folders of 32 px or less get the CIFAR stem.
+    resnet_stem: str = 'imagenet'
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# Classifier statistics are the reference's (they are not all pixel std: keep them for faithfulness).
+DATASETS = {
+    'cifar10': DatasetInfo('cifar10', 3, 32, 10, (0.491, 0.482, 0.447), (0.202, 0.199, 0.201), 'cifar'),
+    'cifar100': DatasetInfo('cifar100', 3, 32, 100, (0.507, 0.487, 0.441), (0.267, 0.256, 0.276), 'cifar'),
+    'svhn': DatasetInfo('svhn', 3, 32, 10, (0.437, 0.444, 0.473), (0.198, 0.201, 0.197)),
+    'fashion': DatasetInfo('fashion', 1, 28, 10, (0.286,), (0.353,)),
+    'mnist': DatasetInfo('mnist', 1, 28, 10, (0.131,), (0.308,)),
+    # sklearn's 8x8 digits upsampled to 28x28; statistics of the fixed training split below.
+    'digits': DatasetInfo('digits', 1, 28, 10, (0.305,), (0.325,)),
+}
+IMAGEFOLDER = 'imagefolder'
+DATASET_CHOICES = sorted(DATASETS) + [IMAGEFOLDER]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def load_dataset(name, data_dir='./data', img_size=32, download=True):
+    """Return (info, train Split, test Split) for a dataset name (see DATASET_CHOICES)."""
+    if name == IMAGEFOLDER:
+        return _load_imagefolder(data_dir, img_size)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose from: {', '.join(DATASET_CHOICES)}")
+    if name == 'digits':
+        train, test = _load_digits()
+    else:
+        train, test = (_load_torchvision(name, data_dir, split, download) for split in ('train', 'test'))
+    return DATASETS[name], train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision datasets
+
+_TORCHVISION = {
+    # name: (class name, sub-folder under --data-dir, folder torchvision looks for, where to get it)
+    'cifar10': ('CIFAR10', '', 'cifar-10-batches-py', 'cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/'),
+    'cifar100': ('CIFAR100', '', 'cifar-100-python', 'cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/'),
+    'svhn': ('SVHN', 'svhn', '', 'train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/'),
+    'mnist': ('MNIST', '', 'MNIST/raw', 'the four *-ubyte.gz files of MNIST'),
+    'fashion': ('FashionMNIST', '', 'FashionMNIST/raw', 'the four *-ubyte.gz files of Fashion-MNIST'),
+}
+
+
+def _load_torchvision(name, data_dir, split, download):
+    import torchvision
+
+    cls_name, sub, folder, what = _TORCHVISION[name]
+    root = os.path.join(data_dir, sub) if sub else data_dir
+    cls = getattr(torchvision.datasets, cls_name)
+    kwargs = {'split': split} if name == 'svhn' else {'train': split == 'train'}
+    try:
+        ds = cls(root, download=download, **kwargs)
+    except Exception as e:  # offline download failures come as URLError, OSError or RuntimeError
+        looked = os.path.join(root, folder) if folder else root
+        raise UserError(f"cannot load {name} ({split}): nothing usable in {looked} and the download "
+                        f"failed ({type(e).__name__}); put {what} there") from None
+    if name == 'svhn':
+        images, labels = torch.as_tensor(ds.data), torch.as_tensor(ds.labels)
+    elif name.startswith('cifar'):
+        images, labels = torch.as_tensor(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets)
+    else:
+        images, labels = ds.data.unsqueeze(1), torch.as_tensor(ds.targets)
+    return Split(images.contiguous(), labels.long())
+
+
+# ----------------------------------------------------------------------------------------------
+# sklearn digits: real data that ships with scikit-learn, for the quick start and the tests
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # values are 0..16
+    x = F.interpolate(x, size=28, mode='bilinear', align_corners=False).clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8)
+    y = torch.as_tensor(digits.target).long()
+    train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2,
+                                           stratify=y.numpy(), random_state=0)
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# any DIR/train/<class>/* and DIR/test/<class>/* tree
+
+STATS_FILE = 'dim_stats.json'
+
+
+def _load_imagefolder(data_dir, img_size):
+    from PIL import Image
+
+    splits, classes = {}, None
+    for split in ('train', 'test'):
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise UserError(f"--data imagefolder needs {root}/<class>/<images>; no such folder")
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if classes is None:
+            classes = found
+        elif found != classes:
+            raise UserError(f"class folders of {root} differ from those of the train split")
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            folder = os.path.join(root, cls)
+            for fname in sorted(os.listdir(folder)):
+                try:
+                    with Image.open(os.path.join(folder, fname)) as img:
+                        images.append(_image_to_tensor(img, img_size))
+                except OSError:
+                    continue  # not an image (a README, a thumbnail cache...)
+                labels.append(label)
+        if not images:
+            raise UserError(f"no images found under {root}/<class>/")
+        splits[split] = (images, labels)
+    if len(classes) < 2:
+        raise UserError(f"{data_dir}/train has {len(classes)} class folder(s); at least 2 are needed")
+    channels = 3 if any(t.shape[0] == 3 for t in splits['train'][0]) else 1
+    train, test = (Split(torch.stack([t.expand(channels, -1, -1) for t in imgs]), torch.tensor(labs))
+                   for imgs, labs in (splits['train'], splits['test']))
+    mean, std = _cached_stats(data_dir, train.images, img_size)
+    info = DatasetInfo(IMAGEFOLDER, channels, img_size, len(classes), mean, std,
+                       'cifar' if img_size <= 32 else 'imagenet')
+    return info, train, test
+
+
+def _image_to_tensor(img, img_size):
+    from PIL import Image
+
+    img = img.convert('L' if img.mode in ('1', 'L', 'I;16', 'I') else 'RGB')
+    if img.size != (img_size, img_size):
+        # Pillow >= 9.1 moved the constant to Image.Resampling
+        img = img.resize((img_size, img_size), resample=getattr(Image, 'Resampling', Image).BILINEAR)
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return t.view(img_size, img_size, -1).permute(2, 0, 1).contiguous()
+
+
+def _cached_stats(data_dir, images, img_size):
+    """Per-channel mean/std of the training images, computed once and cached next to them."""
+    path = os.path.join(data_dir, STATS_FILE)
+    key = f'{images.shape[1]}x{img_size}'
+    cache = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache and cache[key].get('count') == len(images):
+        return tuple(cache[key]['mean']), tuple(cache[key]['std'])
+    x = images.double() / 255
+    mean = tuple(round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist())
+    cache[key] = {'mean': mean, 'std': std, 'count': len(images)}
+    try:
+        with open(path, 'w') as f:
+            json.dump(cache, f, indent=1)
+    except OSError:
+        pass  # read-only data folder: the stats are recomputed next time, nothing else changes
+    return mean, std
+
+
+def info_from_dict(d):
+    """A DatasetInfo from its to_dict() form (as stored in checkpoints)."""
+    d = dict(d)
+    return DatasetInfo(**{**d, 'mean': tuple(d['mean']), 'std': tuple(d['std'])})
+
+
+def with_classes(info, num_classes):
+    return replace(info, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches on the device
+
+def to_gan_range(x_uint8):
+    """uint8 pixels -> [-1, 1], as ToTensor then Normalize(0.5, 0.5) computes it."""
+    return (x_uint8.float().div(255) - 0.5) / 0.5
+
+
+def to_classifier_input(x_uint8, info):
+    """uint8 pixels -> classifier input normalised by the dataset statistics (test images)."""
+    mean = torch.tensor(info.mean, device=x_uint8.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x_uint8.device).view(1, -1, 1, 1)
+    return (x_uint8.float().div(255) - mean) / std
+
+
+def storage_device(split, device, max_gb=8.0):
+    """Keep the images on the training device when they fit (CIFAR-10 is 150 MB), else on the host."""
+    return device if split.images.numel() / 2**30 <= max_gb else torch.device('cpu')
+
+
+class BatchStream:
+    """Shuffled, drop-last batches of a Split, like the reference's DataLoader(shuffle, drop_last).
+
+    The permutation comes from `generator` (a CPU torch.Generator whose state goes into checkpoints),
+    so the data order is reproducible; `batches(order, start)` resumes a pass mid-way.
+    """
+
+    def __init__(self, split, batch_size, device, generator, shuffle=True, drop_last=True):
+        self.batch_size, self.device, self.generator = batch_size, device, generator
+        self.shuffle, self.drop_last = shuffle, drop_last
+        where = storage_device(split, device)
+        self.images = split.images.to(where)
+        self.labels = split.labels.to(where)
+        if where.type == 'cpu' and device.type == 'cuda':
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def new_order(self):
+        """A fresh data order for one pass (checkpoints store it, so a resume continues the same pass)."""
+        n = len(self.labels)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def batches(self, order, start=0):
+        """Yield (uint8 images, labels) on the device for the pass `order`, skipping `start` batches."""
+        order = order.to(self.images.device)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield (self.images[idx].to(self.device, non_blocking=True),
+                   self.labels[idx].to(self.device, non_blocking=True))
+
+    def random_batch(self):
+        """The first batch of a fresh shuffled pass (what re-iterating a shuffled DataLoader gives)."""
+        idx = torch.randperm(len(self.labels), generator=self.generator)[:self.batch_size]
+        idx = idx.to(self.images.device)
+        return (self.images[idx].to(self.device, non_blocking=True),
+                self.labels[idx].to(self.device, non_blocking=True))
+
+
+def test_batches(split, device, batch_size=500):
+    """The test set in order (no shuffle), on the device."""
+    for i in range(0, len(split), batch_size):
+        yield (split.images[i:i + batch_size].to(device, non_blocking=True),
+               split.labels[i:i + batch_size].to(device, non_blocking=True))

@@ -1,0 +1,156 @@
+"""Stage 2 of DiM: fine-tune the GAN so a random pool of classifiers gives the same logits on real and
+generated images.
+
+    python pool_match.py --tag match --match logit --match-aug --weight results/gan/model_dict_150.pth
+
+Each epoch draws one pool model; per batch it takes --epochs-match-train SGD steps on real data, then
+the generator steps on its GAN loss plus the match term. Every --eval-interval epochs the generator is
+validated and results/<tag>/model_dict_<eval model>.pth is written when that model's best improves.
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+
+from data.datasets import to_gan_range
+from models import list_models
+from utils.adversarial import discriminator_step, generator_step
+from utils.augment import make_augment, normalize
+from utils.checkpoint import LAST
+from utils.cli import add_resume_flags, run, stage_parser, str2bool
+from utils.errors import UserError
+from utils.evaluate import build_classifier, classifier_optimizer
+from utils.matching import feature_match_loss, gradient_match_loss, logit_match_loss
+from utils.stage import GanRun
+
+POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
+
+
+def get_parser():
+    p = stage_parser(__doc__.splitlines()[0], batch_size=64, epochs=100, lr=5e-6)
+    g = p.add_argument_group('matching')
+    g.add_argument('--match', default='logit', choices=('logit', 'feat', 'grad'),
+                   help="what the pool model compares (the official parser's default was 'grad'; the "
+                        "paper and its README use 'logit')")
+    g.add_argument('--match-aug', action='store_true', help='siamese augmentation of real and generated batches')
+    g.add_argument('--metric', default='l1', choices=('l1', 'mse', 'l1_mean', 'cos'), help='--match grad distance')
+    g.add_argument('--bias', type=str2bool, nargs='?', const=True, default=False, help='--match grad: bias gradients too')
+    g.add_argument('--fc', type=str2bool, nargs='?', const=True, default=False, help='--match grad: fc gradients too')
+    g.add_argument('--idx-from', type=int, default=0, help='--match feat: first pool-model layer matched')
+    g.add_argument('--idx-to', type=int, default=-1, help='--match feat: last layer matched (-1: the last)')
+    g.add_argument('--epochs-match-train', type=int, default=16,
+                   help='SGD steps of the pool model on real batches per generator step')
+    g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
+    g.add_argument('--pool-lr', type=float, default=0.01, help='SGD learning rate of the pool model')
+    add_resume_flags(p, save_every=400)
+    return p
+
+
+class Pool:
+    """The pool model of the current epoch, its optimizer, and the augmentations around it."""
+
+    def __init__(self, r):
+        self.r, self.args = r, r.args
+        self.train_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=False)
+        self.match_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=True)
+        self.name = self.model = self.opt = None
+        state = (r.ckpt or {}).get('pool') if r.resumed_from else None
+        if state:
+            self.build(state['name'])
+            self.model.load_state_dict(state['model'])
+            self.opt.load_state_dict(state['optimizer'])
+
+    def build(self, name):
+        self.name = name
+        self.model = build_classifier(name, self.r.info, self.r.device)
+        self.opt = classifier_optimizer(self.model, self.args.pool_lr)
+
+    def state(self):
+        return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict()}}
+
+    def to_pool_input(self, x):
+        # As in the reference, the pool model sees the GAN's [-1, 1] images normalised again with the
+        # dataset statistics (the validation classifiers see [0, 1] images normalised the same way).
+        return normalize(x, self.r.info.mean, self.r.info.std)
+
+    def train_steps(self):
+        """--epochs-match-train SGD steps on random real batches (each one the first batch of a fresh
+        shuffled pass, as re-iterating the reference's loader gave)."""
+        self.model.train()
+        for _ in range(self.args.epochs_match_train):
+            images, labels = self.r.train_stream.random_batch()
+            x = self.train_aug(self.to_pool_input(to_gan_range(images)))
+            with self.r.ctx:
+                loss = F.cross_entropy(self.model(x).float(), labels)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+    def match_loss(self, real, fake, labels):
+        """Train the pool model, then compare it on real and generated images; gradients reach G."""
+        self.train_steps()
+        real, fake = self.to_pool_input(real), self.to_pool_input(fake)
+        if self.args.match_aug:  # one draw for both halves: the same transform on pair i
+            real, fake = self.match_aug(torch.cat([real, fake])).chunk(2)
+        if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params
+            return gradient_match_loss(self.model, real, labels, fake, labels, self.args.metric,
+                                       self.args.bias, self.args.fc).float()
+        self.model.requires_grad_(False)  # only G needs gradients of the match term
+        try:
+            with self.r.ctx:
+                if self.args.match == 'logit':
+                    return logit_match_loss(self.model, real, fake).float()
+                return feature_match_loss(self.model, real, fake, idx_from=self.args.idx_from,
+                                          idx_to=self.args.idx_to).float()
+        finally:
+            self.model.requires_grad_(True)
+
+
+def train(r):
+    args = r.args
+    pool = Pool(r)
+    print(f"stage 2: {r.info.name}, match {args.match}{' + aug' if args.match_aug else ''}, pool "
+          f"{' '.join(args.pool)}, {len(r.train_stream)} iterations per epoch, {args.epochs} epochs, "
+          f"device {r.device}, amp {args.amp}")
+    while r.epoch < args.epochs or r.validate_pending:
+        if not r.validate_pending:
+            if r.epoch_iteration == 0 or pool.model is None:
+                pool.build(random.choice(args.pool))
+                print(f"epoch {r.epoch + 1}: pool model {pool.name}")
+            bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
+                                    desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')
+            for images, labels in bar:
+                real = to_gan_range(images)
+                metrics = generator_step(r.G, r.D, r.opt_g, labels, r.ctx,
+                                         extra_loss=lambda fake: pool.match_loss(real, fake, labels))
+                metrics.update(discriminator_step(r.G, r.D, r.opt_d, real, labels, r.ctx))
+                r.after_iteration(metrics, save_extra=pool.state)
+            r.end_epoch()
+            r.validate_pending = r.epoch % args.eval_interval == 0
+            r.save(LAST, pool.state())
+        if r.validate_pending:
+            for name, result in r.validate().items():
+                if result['best_top1'] > r.best.get(name, -1.0):
+                    r.best[name] = result['best_top1']
+                    path = r.save(f'model_dict_{name}.pth')
+                    print(f"  new best for {name}: {result['best_top1']:.2f}; saved {path}")
+            r.validate_pending = False
+            r.save(LAST, pool.state())
+    print("done; best top-1 per eval model (selected on test): "
+          + ', '.join(f'{k} {v:.2f}' for k, v in r.best.items()))
+
+
+def main():
+    args = get_parser().parse_args()
+    if not args.resume and not args.weight:
+        raise UserError("pool_match.py needs --weight CHECKPOINT (a gen_condense.py model_dict_<epoch>.pth)")
+    if args.epochs_match_train < 0:
+        raise UserError("--epochs-match-train must be 0 or more")
+    unknown = [m for m in args.pool if m not in list_models()]
+    if unknown:
+        raise UserError(f"unknown --pool model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
+    GanRun(args, 'pool_match', init_weight=args.weight).execute(train)
+
+
+if __name__ == '__main__':
+    run(main)

@@ -1,0 +1,121 @@
+"""Command line shared by the three stages: one parent parser, flag checks, and the error boundary.
+
+Flag names and per-script defaults are the official ones (batch 128/64/128, epochs 150/100/250,
+lr 1e-4/5e-6/1e-4); each script passes its own defaults to `stage_parser`.
+"""
+import argparse
+import sys
+
+from data.datasets import DATASET_CHOICES
+from utils.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ('yes', 'true', 't', 'y', '1'):
+        return True
+    if v.lower() in ('no', 'false', 'f', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got '{v}'")
+
+
+def stage_parser(description, batch_size, epochs, lr):
+    """The flags every stage shares, with the stage's own defaults."""
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}',
+                   help="dataset (default: the checkpoint's dataset, else cifar10)")
+    g.add_argument('--data-dir', default=None,
+                   help="dataset root (default: the checkpoint's, else ./data); for imagefolder "
+                        "a folder with train/<class>/ and test/<class>/")
+    g.add_argument('--img-size', type=int, default=32, choices=(28, 32), help='image size for imagefolder')
+    g.add_argument('--num-classes', type=int, default=None,
+                   help='number of classes (default: from the data; if given it must agree)')
+    g.add_argument('--num-workers', type=int, default=4, help='threads decoding image folders')
+
+    g = p.add_argument_group('model and training')
+    g.add_argument('--dim-noise', type=int, default=100, help='noise size; its first entries hold the one-hot class')
+    g.add_argument('--width', type=int, default=196, help='generator and discriminator channels')
+    g.add_argument('--batch-size', type=int, default=batch_size)
+    g.add_argument('--epochs', type=int, default=epochs)
+    g.add_argument('--lr', type=float, default=lr, help='Adam learning rate of generator and discriminator')
+    g.add_argument('--weight', default='', help='checkpoint to start from')
+    g.add_argument('--seed', type=int, default=3407)
+    g.add_argument('--print-freq', type=int, default=50, help='iterations between printed losses')
+
+    g = p.add_argument_group('validation (train classifiers on generated images)')
+    g.add_argument('--eval-model', nargs='+', default=['convnet'], help='classifier(s) to evaluate with')
+    g.add_argument('--ipc', type=int, default=50, help='images per class generated per validation epoch')
+    g.add_argument('--epochs-eval', type=int, default=1000)
+    g.add_argument('--eval-lr', type=float, default=0.01)
+    g.add_argument('--test-interval', type=int, default=200, help='validation epochs between tests')
+    g.add_argument('--eval-interval', type=int, default=10, help='training epochs between validations')
+    g.add_argument('--aug-type', default='color_crop_cutout', help='DSA strategy, ops joined by _')
+    g.add_argument('--mixup-net', default='cut', choices=('cut', 'none'), help="'cut': CutMix in validation")
+    g.add_argument('--mix-p', type=float, default=-1.0, help='CutMix probability (<= 0: never)')
+    g.add_argument('--beta', type=float, default=1.0, help='CutMix Beta(beta, beta)')
+
+    g = p.add_argument_group('run')
+    g.add_argument('--tag', default='test', help='run name: results/<tag>/ and logs/<tag>/')
+    g.add_argument('--output-dir', default='./results/')
+    g.add_argument('--logs-dir', default='./logs/')
+    g.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    g.add_argument('--amp', default='auto', choices=('auto', 'bf16', 'fp16', 'off'),
+                   help='mixed precision (auto: bf16 on CUDA, off on CPU)')
+    g.add_argument('--deterministic', action='store_true', help='reproducible kernels (slower on GPU)')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return p
+
+
+def add_resume_flags(p, save_every):
+    g = p.add_argument_group('resume')
+    g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='PATH',
+                   help="continue a run: its results/<tag>/last.pth, or PATH")
+    g.add_argument('--save-every', type=int, default=save_every,
+                   help='iterations between rolling last.pth checkpoints (0: only at epoch ends)')
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def check_common(args, info, train_size):
+    """Checks that need the data: run before any work starts."""
+    from models import list_models
+
+    check_positive(args, 'batch_size', 'epochs', 'ipc', 'epochs_eval', 'test_interval', 'eval_interval',
+                   'print_freq', 'width')
+    if args.num_classes is not None and args.num_classes != info.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but {info.name} has {info.num_classes} classes")
+    if args.dim_noise < info.num_classes:
+        raise UserError(f"--dim-noise {args.dim_noise} is smaller than the {info.num_classes} classes "
+                        "(the first entries of the noise hold the one-hot class)")
+    if args.batch_size > train_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
+    unknown = [m for m in args.eval_model if m not in list_models()]
+    if unknown:
+        raise UserError(f"unknown --eval-model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
+    from utils.augment import DiffAug
+    try:
+        DiffAug(args.aug_type)
+    except ValueError as e:
+        raise UserError(f"--aug-type: {e}") from None
+
+
+def run(main):
+    """Entry point of every script: user mistakes become one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,114 @@
+"""DiM's validation: train classifiers only on images the generator draws on the fly, test on real data."""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.datasets import test_batches, to_classifier_input
+from models import create_model
+from utils.adversarial import generate
+from utils.augment import cutmix, make_augment, normalize
+from utils.errors import Interrupted
+
+
+def classifier_optimizer(model, lr):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def build_classifier(name, info, device):
+    model = create_model(name, info.num_classes, info.channels, info.img_size, stem=info.resnet_stem)
+    return model.to(device)
+
+
+@torch.no_grad()
+def test(model, test_split, info, device, ctx):
+    """Top-1 and top-5 accuracy (%) on the real test set, normalised with the dataset statistics
+    (the reference used the GAN's (0.5, 0.5) on MNIST and Fashion: fixed here)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = torch.zeros((), device=device)
+    k = min(5, info.num_classes)
+    for images, labels in test_batches(test_split, device):
+        with ctx:
+            logits = model(to_classifier_input(images, info))
+        topk = logits.float().topk(k, dim=1).indices
+        hits = topk == labels[:, None]
+        correct1 = correct1 + hits[:, 0].sum()
+        correct5 = correct5 + hits.any(dim=1).sum()
+    model.train(was_training)
+    n = len(test_split)
+    return 100.0 * correct1.item() / n, 100.0 * correct5.item() / n
+
+
+def iterations_per_epoch(num_classes, ipc, batch_size, extra_iteration):
+    """The reference trains (classes * ipc) // batch iterations per epoch, plus one in stages 1 and 2.
+    validate.py had no extra one and so trained nothing when ipc was small; at least one here."""
+    n = num_classes * ipc // batch_size
+    return n + 1 if extra_iteration else max(1, n)
+
+
+@torch.no_grad()
+def generated_batch(G, batch_size, info, augment, device):
+    """A batch of generated images as a classifier sees them: [0, 1], normalised, augmented per sample."""
+    if batch_size == info.num_classes:
+        labels = torch.randperm(info.num_classes, device=device)
+    else:
+        labels = torch.randint(info.num_classes, (batch_size,), device=device)
+    images = (generate(G, labels).float() + 1) / 2
+    return augment(normalize(images, info.mean, info.std)), labels
+
+
+def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
+                       curve_tag=None, stop=None):
+    """Train one fresh classifier on generated images for --epochs-eval epochs; test every
+    --test-interval epochs and at the end. Returns accuracies: the final one, and the best over the
+    periodic tests (the paper's number: selected on the test set)."""
+    G_was_training = G.training
+    G.eval()  # BatchNorm running statistics, as the reference validates
+    model = build_classifier(model_name, info, device)
+    opt = classifier_optimizer(model, args.eval_lr)
+    augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+    iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
+    use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
+    best1 = best5 = final1 = final5 = 0.0
+    start = time.time()
+    bar = runlog.progress(range(args.epochs_eval), desc=f'eval {model_name}') if runlog else range(args.epochs_eval)
+    for epoch in bar:
+        if stop is not None and stop():
+            raise Interrupted
+        model.train()
+        for _ in range(iters):
+            images, labels = generated_batch(G, args.batch_size, info, augment, device)
+            with ctx:
+                if use_cutmix and np.random.rand() < args.mix_p:
+                    images, labels_a, labels_b, lam = cutmix(images, labels, args.beta)
+                    logits = model(images).float()
+                    loss = lam * F.cross_entropy(logits, labels_a) + (1 - lam) * F.cross_entropy(logits, labels_b)
+                else:
+                    loss = F.cross_entropy(model(images).float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if (epoch + 1) % args.test_interval == 0 or epoch + 1 == args.epochs_eval:
+            final1, final5 = test(model, test_split, info, device, ctx)
+            best1, best5 = max(best1, final1), max(best5, final5)
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(top1=f'{final1:.2f}', best=f'{best1:.2f}')
+            if runlog is not None and curve_tag:
+                runlog.writer.add_scalar(f'{curve_tag}/{model_name}/top1', final1, epoch + 1)
+    G.train(G_was_training)
+    return {'top1': final1, 'top5': final5, 'best_top1': best1, 'best_top5': best5,
+            'iters_per_epoch': iters, 'seconds': time.time() - start}
+
+
+def validate(G, info, test_split, args, device, ctx, runlog, step, extra_iteration=True, stop=None):
+    """Evaluate G with every --eval-model; print, log to tensorboard at `step`, return {model: result}."""
+    results = {}
+    for name in args.eval_model:
+        r = train_on_generator(G, name, info, test_split, args, device, ctx, extra_iteration, runlog, stop=stop)
+        results[name] = r
+        print(f"  [{name}] top1 {r['top1']:.2f}  best top1 {r['best_top1']:.2f} (selected on test)  "
+              f"top5 {r['top5']:.2f}  ({r['iters_per_epoch']} it/epoch, {r['seconds']:.0f}s)")
+        runlog.scalars({f'Eval/{name}/top1': r['top1'], f'Eval/{name}/best_top1': r['best_top1']}, step)
+    return results
