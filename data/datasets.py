@@ -54,10 +54,10 @@ class Split:
         return len(self.labels)
 
 
-def load_dataset(name, data_dir='./data', img_size=32, download=True):
+def load_dataset(name, data_dir='./data', img_size=32, download=True, num_workers=4):
     """Return (info, train Split, test Split) for a dataset name (see DATASET_CHOICES)."""
     if name == IMAGEFOLDER:
-        return _load_imagefolder(data_dir, img_size)
+        return _load_imagefolder(data_dir, img_size, num_workers)
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; choose from: {', '.join(DATASET_CHOICES)}")
     if name == 'digits':
@@ -126,8 +126,8 @@ def _load_digits():
 STATS_FILE = 'dim_stats.json'
 
 
-def _load_imagefolder(data_dir, img_size):
-    from PIL import Image
+def _load_imagefolder(data_dir, img_size, num_workers=4):
+    from concurrent.futures import ThreadPoolExecutor
 
     splits, classes = {}, None
     for split in ('train', 'test'):
@@ -139,19 +139,15 @@ def _load_imagefolder(data_dir, img_size):
             classes = found
         elif found != classes:
             raise UserError(f"class folders of {root} differ from those of the train split")
-        images, labels = [], []
-        for label, cls in enumerate(classes):
-            folder = os.path.join(root, cls)
-            for fname in sorted(os.listdir(folder)):
-                try:
-                    with Image.open(os.path.join(folder, fname)) as img:
-                        images.append(_image_to_tensor(img, img_size))
-                except OSError:
-                    continue  # not an image (a README, a thumbnail cache...)
-                labels.append(label)
-        if not images:
+        files = [(os.path.join(root, cls, fname), label) for label, cls in enumerate(classes)
+                 for fname in sorted(os.listdir(os.path.join(root, cls)))]
+        # Pillow releases the GIL while decoding, so threads decode in parallel
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            decoded = list(pool.map(lambda f: _read_image(f[0], img_size), files))
+        kept = [(img, label) for img, (_, label) in zip(decoded, files) if img is not None]
+        if not kept:
             raise UserError(f"no images found under {root}/<class>/")
-        splits[split] = (images, labels)
+        splits[split] = ([img for img, _ in kept], [label for _, label in kept])
     if len(classes) < 2:
         raise UserError(f"{data_dir}/train has {len(classes)} class folder(s); at least 2 are needed")
     channels = 3 if any(t.shape[0] == 3 for t in splits['train'][0]) else 1
@@ -161,6 +157,17 @@ def _load_imagefolder(data_dir, img_size):
     info = DatasetInfo(IMAGEFOLDER, channels, img_size, len(classes), mean, std,
                        'cifar' if img_size <= 32 else 'imagenet')
     return info, train, test
+
+
+def _read_image(path, img_size):
+    """uint8 [C, H, W] tensor of an image file, or None for a file that is not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return _image_to_tensor(img, img_size)
+    except OSError:
+        return None  # a README, a thumbnail cache...
 
 
 def _image_to_tensor(img, img_size):

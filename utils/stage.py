@@ -36,9 +36,11 @@ def resolve_data(args, ckpt=None):
     """Fill --data/--data-dir from the checkpoint (or the defaults), load the data and check the flags."""
     stored = checkpoint_dataset(ckpt) if ckpt is not None else None
     stored_dir = (ckpt.get('args') or {}).get('data_dir') if stored else None
+    if stored and args.data and args.data != stored:  # refuse before loading anything
+        raise UserError(f"the checkpoint was trained on {stored}, but --data is {args.data}")
     args.data = args.data or stored or 'cifar10'
     args.data_dir = args.data_dir or stored_dir or './data'
-    info, train, test = load_dataset(args.data, args.data_dir, args.img_size)
+    info, train, test = load_dataset(args.data, args.data_dir, args.img_size, num_workers=args.num_workers)
     check_common(args, info, len(train))
     return info, train, test
 

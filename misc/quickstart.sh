@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole DiM pipeline on real data that needs no download (scikit-learn's digits), with a schedule
+# small enough for a 2-core CPU in a few minutes. Outputs go to results/quickstart-* and logs/quickstart-*.
+# Usage: bash misc/quickstart.sh [extra flags for all three stages, e.g. --device cuda]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SMALL=(--data digits --width 32 --ipc 10 --test-interval 25 --no-progress "$@")
+
+echo "== stage 1: conditional GAN (gen_condense.py)"
+$PY gen_condense.py "${SMALL[@]}" --tag quickstart-gan --epochs 10 --eval-interval 10 --epochs-eval 50 --print-freq 22
+echo "== stage 2: pool matching (pool_match.py)"
+$PY pool_match.py "${SMALL[@]}" --tag quickstart-match --match logit --match-aug \
+    --weight results/quickstart-gan/model_dict_10.pth --epochs 1 --eval-interval 1 --epochs-match-train 4 \
+    --epochs-eval 50 --print-freq 11
+echo "== stage 3: validation (validate.py)"
+$PY validate.py "${SMALL[@]}" --tag quickstart-test --pretrain-weight results/quickstart-match/model_dict_convnet.pth \
+    --epochs-eval 100 --eval-model convnet resnet10

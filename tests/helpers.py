@@ -1,0 +1,17 @@
+"""Shared test helpers: run a script as a user would, and locate the shared real datasets."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
+
+# tiny schedule flags that keep a stage to seconds on 2 CPU cores
+TINY = ['--data', 'digits', '--width', '16', '--ipc', '10', '--epochs-eval', '2', '--test-interval', '1',
+        '--print-freq', '5', '--no-progress', '--device', 'cpu']
+
+
+def run_script(script, *args, cwd, timeout=600):
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

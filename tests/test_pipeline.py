@@ -1,0 +1,102 @@
+"""The three stages chained as a user runs them, on real data (digits), with a tiny schedule."""
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import TINY, run_script
+
+STAGE1_EPOCHS = 6
+
+
+@pytest.fixture(scope='module')
+def pipeline(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('pipeline')
+    s1 = run_script('gen_condense.py', *TINY, '--tag', 'gan', '--epochs', STAGE1_EPOCHS, '--lr', '1e-3',
+                    '--eval-interval', STAGE1_EPOCHS, cwd=cwd)
+    assert s1.returncode == 0, s1.stderr
+    s2 = run_script('pool_match.py', *TINY, '--tag', 'match', '--match', 'logit', '--match-aug',
+                    '--weight', f'results/gan/model_dict_{STAGE1_EPOCHS}.pth', '--epochs', 1,
+                    '--eval-interval', 1, '--epochs-match-train', 1, '--pool', 'convnet', 'resnet18_ap', cwd=cwd)
+    assert s2.returncode == 0, s2.stderr
+    s3 = run_script('validate.py', *TINY, '--tag', 'test', '--pretrain-weight', 'results/match/model_dict_convnet.pth',
+                    '--epochs-eval', 30, '--test-interval', 10, '--ipc', 20, cwd=cwd)
+    assert s3.returncode == 0, s3.stderr
+    return cwd, s1, s2, s3
+
+
+def test_stage1_files(pipeline):
+    cwd, s1, _, _ = pipeline
+    res = cwd / 'results' / 'gan'
+    assert (res / f'model_dict_{STAGE1_EPOCHS}.pth').exists() and (res / 'last.pth').exists()
+    grids = sorted(os.listdir(res / 'outputs'))
+    assert grids == sorted(f'img_{e}.png' for e in range(1, STAGE1_EPOCHS + 1))
+    # 10 rows of draws x 10 classes of 28-pixel images with 2-pixel padding
+    assert Image.open(res / 'outputs' / grids[0]).size == (302, 302)
+    logs = cwd / 'logs' / 'gan'
+    assert json.load(open(logs / 'args.json'))['data'] == 'digits'
+    assert 'validation after epoch' in (logs / 'logs.txt').read_text()
+    assert 'stage 1: digits' in s1.stdout
+
+
+def test_stage1_checkpoint_describes_itself(pipeline):
+    cwd, _, _, _ = pipeline
+    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', weights_only=False)
+    for key in ('generator', 'discriminator', 'optim_g', 'optim_d', 'dataset', 'generator_config', 'epoch', 'args'):
+        assert key in ckpt
+    assert ckpt['generator_config'] == dict(num_classes=10, channels=1, img_size=28, dim_noise=100, width=16)
+    assert ckpt['epoch'] == STAGE1_EPOCHS
+
+
+def test_tensorboard_curves(pipeline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cwd = pipeline[0]
+    for tag, wanted in (('gan', {'Loss/G', 'Loss/D', 'Loss/GP', 'Acc/D_real', 'Eval/convnet/top1',
+                                 'Eval/convnet/best_top1'}),
+                        ('match', {'Loss/match'})):
+        acc = EventAccumulator(str(cwd / 'logs' / tag))
+        acc.Reload()
+        assert wanted <= set(acc.Tags()['scalars']), acc.Tags()['scalars']
+        assert 'Samples' in acc.Tags()['images']
+
+
+def test_stage2_saves_the_best_per_eval_model_and_reads_the_dataset_from_the_checkpoint(pipeline):
+    cwd, _, s2, _ = pipeline
+    assert (cwd / 'results' / 'match' / 'model_dict_convnet.pth').exists()
+    assert 'stage 2: digits' in s2.stdout and 'new best for convnet' in s2.stdout
+    assert json.load(open(cwd / 'logs' / 'match' / 'args.json'))['lr'] == 5e-6
+
+
+def test_validation_beats_chance(pipeline):
+    _, _, _, s3 = pipeline
+    row = re.search(r'\| convnet \| ([\d.]+) \| ([\d.]+) \|', s3.stdout)
+    assert row, s3.stdout
+    final, best = float(row.group(1)), float(row.group(2))
+    assert best >= final and final > 20.0, s3.stdout  # chance is 10% on ten classes
+    assert 'one epoch = 1 iterations x 128 = 128 generated images' in s3.stdout
+
+
+def test_validate_reads_an_official_format_checkpoint(pipeline, tmp_path):
+    cwd = pipeline[0]
+    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', weights_only=False)
+    official = {k: ckpt[k] for k in ('generator', 'discriminator', 'optim_g', 'optim_d')}
+    torch.save(official, tmp_path / 'official.pth')
+    out = run_script('validate.py', *TINY, '--tag', 'official', '--pretrain-weight', tmp_path / 'official.pth',
+                     cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert '| convnet |' in out.stdout
+    # without the right sizes, the one-line error says what does not fit
+    out = run_script('validate.py', *TINY, '--width', '32', '--tag', 'official2', '--pretrain-weight',
+                     tmp_path / 'official.pth', cwd=tmp_path)
+    assert out.returncode == 2 and 'does not fit' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_checkpoint_of_other_data_is_refused(pipeline, tmp_path):
+    cwd = pipeline[0]
+    out = run_script('validate.py', '--data', 'mnist', '--data-dir', tmp_path, '--pretrain-weight',
+                     cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert 'trained on digits, but --data is mnist' in out.stderr
