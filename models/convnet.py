@@ -2,8 +2,10 @@
 import torch
 import torch.nn as nn
 
+from models.staged import StagedNet
 
-class ConvNet(nn.Module):
+
+class ConvNet(StagedNet):
     """`depth` x [Conv3x3 -> InstanceNorm -> ReLU -> AvgPool2] -> Linear."""
 
     def __init__(self, num_classes, channels, img_size, width=128, depth=3):
@@ -23,20 +25,9 @@ class ConvNet(nn.Module):
                 nn.AvgPool2d(2),
             ))
             in_ch, size = width, size // 2
-        self.blocks = nn.ModuleList(blocks)
+        self.stem, self.pool = nn.Identity(), nn.Identity()  # the blocks are the stages; flatten at the end
+        self.stages = nn.ModuleList(blocks)
         self.fc = nn.Linear(width * size * size, num_classes)
-
-    def features(self, x):
-        """Activations after each block, then the flattened embedding fed to `fc`."""
-        feats = []
-        for block in self.blocks:
-            x = block(x)
-            feats.append(x)
-        feats.append(torch.flatten(x, 1))
-        return feats
-
-    def forward(self, x):
-        return self.fc(self.features(x)[-1])
 
 
 def convnet(num_classes, channels, img_size, stem='cifar'):

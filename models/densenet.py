@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from models.staged import StagedNet
+
 
 class DenseLayer(nn.Module):
     """Bottleneck layer: BN-ReLU-Conv1x1(4g) -> BN-ReLU-Conv3x3(g), concatenated to the input."""
@@ -27,7 +29,7 @@ def _transition(in_planes, out_planes):
     )
 
 
-class DenseNet(nn.Module):
+class DenseNet(StagedNet):
     def __init__(self, num_classes, channels, num_blocks=(6, 12, 24, 16), growth=12, reduction=0.5):
         super().__init__()
         planes = 2 * growth
@@ -49,19 +51,6 @@ class DenseNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(planes, num_classes)
-
-    def features(self, x):
-        """Activations after each dense block (+ transition), then the pooled embedding."""
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        feats.append(torch.flatten(self.pool(x), 1))
-        return feats
-
-    def forward(self, x):
-        return self.fc(self.features(x)[-1])
 
 
 def densenet(num_classes, channels, img_size, stem='cifar'):

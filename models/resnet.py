@@ -8,6 +8,8 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+
+from models.staged import StagedNet
 import torch.nn.functional as F
 
 
@@ -68,7 +70,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedNet):
     def __init__(self, block, num_blocks, widths, num_classes, channels, stem='cifar', ap=False):
         super().__init__()
         if stem == 'cifar':
@@ -101,19 +103,6 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def features(self, x):
-        """Activations after each stage, then the pooled embedding fed to `fc`."""
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        feats.append(torch.flatten(self.pool(x), 1))
-        return feats
-
-    def forward(self, x):
-        return self.fc(self.features(x)[-1])
 
 
 # depth -> (block, blocks per stage) for the ImageNet-style stem
