@@ -56,9 +56,15 @@ class Pool:
         self.name = self.model = self.opt = None
         state = (r.ckpt or {}).get('pool') if r.resumed_from else None
         if state:
-            self.build(state['name'])
-            self.model.load_state_dict(state['model'])
-            self.opt.load_state_dict(state['optimizer'])
+            try:
+                # building draws initial weights; keep the random numbers the resume just restored
+                with torch.random.fork_rng(devices=[]):
+                    self.build(state['name'])
+                self.model.load_state_dict(state['model'])
+                self.opt.load_state_dict(state['optimizer'])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"--resume: the pool model in {r.resumed_from} does not fit "
+                                f"({type(e).__name__})") from None
 
     def build(self, name):
         self.name = name

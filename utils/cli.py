@@ -4,10 +4,20 @@ Flag names and per-script defaults are the official ones (batch 128/64/128, epoc
 lr 1e-4/5e-6/1e-4); each script passes its own defaults to `stage_parser`.
 """
 import argparse
+import os
 import sys
 
 from data.datasets import DATASET_CHOICES
 from utils.errors import UserError
+
+
+class Flags(argparse.Namespace):
+    """The parsed flags. `given` (a slot, so not in vars(): never saved with the run's args) names the
+    flags the command line set, which --resume compares with the run it continues."""
+    __slots__ = ('given',)
+
+
+_UNSET = object()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -15,6 +25,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, Flags() if namespace is None else namespace)
+        if isinstance(ns, Flags):
+            # parse again into a namespace already holding a marker for every flag: argparse then
+            # fills in no defaults, so whatever is not the marker came from the command line
+            probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != argparse.SUPPRESS})
+            super().parse_known_args(args, probe)
+            ns.given = frozenset(k for k, v in vars(probe).items() if v is not _UNSET)
+        return ns
 
 
 def str2bool(v):
@@ -113,10 +133,28 @@ def check_common(args, info, train_size):
         raise UserError(f"--aug-type: {e}") from None
 
 
+def check_output_dirs(args):
+    """Refuse, before anything is written, a --output-dir or --logs-dir where results/<tag> or
+    logs/<tag> cannot be created: a file in the way, or a folder this user cannot write."""
+    for flag, root in (('--output-dir', args.output_dir), ('--logs-dir', args.logs_dir)):
+        folder = os.path.abspath(os.path.join(root, args.tag))
+        probe = folder
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)  # the deepest part that exists decides
+        if not os.path.isdir(probe):
+            raise UserError(f"{flag} {root}: cannot create {folder}, {probe} is a file")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {root}: cannot create {folder}, {probe} is not writable")
+
+
 def run(main):
-    """Entry point of every script: user mistakes become one line on stderr and exit status 2."""
+    """Entry point of every script: user mistakes become one line on stderr and exit status 2; a
+    Ctrl-C outside a training loop (which saves and stops on its own) ends with one line, status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

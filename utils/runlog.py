@@ -5,6 +5,7 @@ import sys
 
 from tqdm import tqdm
 
+from utils.cli import check_output_dirs
 from utils.errors import UserError
 
 
@@ -34,6 +35,7 @@ class RunLog:
     """results/<tag>/ and logs/<tag>/ for one run: args.json, logs.txt, tensorboard events."""
 
     def __init__(self, args):
+        check_output_dirs(args)  # both folders, before either is created
         self.results_dir = os.path.join(args.output_dir, args.tag)
         self.logs_dir = os.path.join(args.logs_dir, args.tag)
         for folder in (self.results_dir, self.logs_dir):

@@ -9,9 +9,9 @@ import torchvision
 
 from data.datasets import BatchStream, load_dataset
 from models import Discriminator, Generator
-from utils.checkpoint import (LAST, check_compatible, checkpoint_dataset, gan_configs, is_official,
-                              load_checkpoint, load_state, save_checkpoint)
-from utils.cli import check_common
+from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoint_dataset, gan_configs,
+                              load_checkpoint, load_state, remove_stale_temps, save_checkpoint)
+from utils.cli import check_common, check_output_dirs
 from utils.errors import Diverged, Interrupted, UserError
 from utils.evaluate import validate
 from utils.runlog import Meters, RunLog
@@ -22,9 +22,10 @@ from utils.runtime import (autocast, resolve_amp, rng_state, seed_everything, se
 SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match', 'gp': 'Loss/GP',
                'wasserstein': 'Loss/wasserstein', 'acc_real': 'Acc/D_real'}
 
-# Flags a resumed run may change; everything else comes from the checkpoint so the run continues as
-# it started.
-RUN_CONTROL_FLAGS = ('resume', 'device', 'no_progress', 'num_workers', 'save_every', 'epochs', 'print_freq')
+# Flags a resumed run takes from its command line; every other flag comes from the checkpoint so the
+# run continues as it started (giving one with another value than the run's is refused).
+RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
+                     'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir')
 
 
 def adam(params, lr):
@@ -45,41 +46,65 @@ def resolve_data(args, ckpt=None):
     return info, train, test
 
 
+def open_resume(args, stage):
+    """The checkpoint --resume names (results/<tag>/last.pth by default), checked; the run's own flags
+    replace the command line's, except RUN_CONTROL_FLAGS."""
+    path = os.path.join(args.output_dir, args.tag, LAST) if args.resume == 'auto' else args.resume
+    if not os.path.exists(path):
+        raise UserError(f"--resume: nothing to resume, {path} does not exist"
+                        + (f" (is --tag {args.tag} the run's tag?)" if args.resume == 'auto' else ''))
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, stage)
+    stored = ckpt['args']
+    given = set(getattr(args, 'given', None) or ())
+    for name in sorted(given):
+        if (name not in RUN_CONTROL_FLAGS and stored.get(name) is not None
+                and getattr(args, name) != stored[name]):
+            flag = '--' + name.replace('_', '-')
+            raise UserError(f"--resume continues {path} with its own flags, but {flag} {getattr(args, name)} "
+                            f"differs from its {stored[name]}; drop {flag}, or start a new run with another --tag")
+    # run-control flags, and flags the run left unset (e.g. --num-classes), come from the command line
+    keep = {k: getattr(args, k) for k in RUN_CONTROL_FLAGS if hasattr(args, k)}
+    keep.update({k: getattr(args, k) for k in given if stored.get(k) is None})
+    vars(args).update({**stored, **keep})
+    return ckpt, path
+
+
 class GanRun:
-    """Everything a GAN-training stage holds: data, G, D, optimizers, run folders, counters."""
+    """Everything a GAN-training stage holds: data, G, D, optimizers, run folders, counters.
+
+    Every check of flags, data and checkpoints comes before RunLog creates the run folders, so a
+    refused start writes nothing."""
 
     def __init__(self, args, stage, init_weight=''):
         if getattr(args, 'resume', None):
-            path = os.path.join(args.output_dir, args.tag, LAST) if args.resume == 'auto' else args.resume
-            if not os.path.isfile(path):
-                raise UserError(f"--resume: nothing to resume at {path}")
-            ckpt = load_checkpoint(path)
-            if is_official(ckpt) or ckpt.get('stage') != stage:
-                raise UserError(f"--resume: {path} is not a {stage} checkpoint of this repository")
-            keep = {k: getattr(args, k) for k in RUN_CONTROL_FLAGS if hasattr(args, k)}
-            vars(args).update({**ckpt['args'], **keep})
-            self.resumed_from = path
+            ckpt, self.resumed_from = open_resume(args, stage)
         else:
             ckpt = load_checkpoint(init_weight) if init_weight else None
             self.resumed_from = None
+        where = self.resumed_from or init_weight
         self.args, self.stage = args, stage
+        check_output_dirs(args)
         self.device = select_device(args.device)
         setup_backend(self.device, args.deterministic)
+        threads_note = self._match_threads(ckpt) if self.resumed_from else ''
         args.amp = resolve_amp(args.amp, self.device)
         self.ctx = autocast(args.amp, self.device)
         self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
         if ckpt is not None:
-            check_compatible(ckpt, self.info, self.resumed_from or init_weight)
-        self.runlog = RunLog(args)
-        seed_everything(args.seed)
+            check_compatible(ckpt, self.info, where)
 
+        seed_everything(args.seed)
         g_cfg, d_cfg = (gan_configs(ckpt, self.info, args.dim_noise, args.width) if ckpt is not None else
                         (dict(num_classes=self.info.num_classes, channels=self.info.channels,
                               img_size=self.info.img_size, dim_noise=args.dim_noise, width=args.width),
                          dict(num_classes=self.info.num_classes, channels=self.info.channels,
                               img_size=self.info.img_size, width=args.width)))
-        self.G = Generator(**g_cfg).to(self.device)
-        self.D = Discriminator(**d_cfg).to(self.device)
+        try:
+            self.G = Generator(**g_cfg).to(self.device)
+            self.D = Discriminator(**d_cfg).to(self.device)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: cannot rebuild its generator or discriminator ({e})") from None
         self.opt_g, self.opt_d = adam(self.G.parameters(), args.lr), adam(self.D.parameters(), args.lr)
         self.data_gen = torch.Generator().manual_seed(args.seed)
         self.train_stream = BatchStream(self.train_split, args.batch_size, self.device, self.data_gen)
@@ -88,24 +113,18 @@ class GanRun:
         self.best = {}
         self.validate_pending = False
         self.ckpt = ckpt
+        self.last_good = None  # (path, iteration) of the newest checkpoint this run can go back to
         if ckpt is not None:
-            where = self.resumed_from or init_weight
             load_state(self.G, ckpt['generator'], where, 'generator')
             load_state(self.D, ckpt['discriminator'], where, 'discriminator')
-            if self.resumed_from or stage == 'gen_condense':
-                self._load_optimizers(ckpt, where)
-            else:  # stage 2 starts from stage 1's optimizers but with its own learning rate
-                self._load_optimizers(ckpt, where)
+            self._load_optimizers(ckpt, where)
+            if not self.resumed_from and stage != 'gen_condense':
+                # stage 2 starts from stage 1's optimizers but with its own learning rate
                 for opt in (self.opt_g, self.opt_d):
                     for group in opt.param_groups:
                         group['lr'] = args.lr
         if self.resumed_from:
-            self.epoch, self.iteration = ckpt['epoch'], ckpt['iteration']
-            self.epoch_iteration, self.order = ckpt['epoch_iteration'], ckpt['order']
-            self.best, self.validate_pending = ckpt['best'], ckpt['validate_pending']
-            self.data_gen.set_state(ckpt['data_rng'])
-            set_rng_state(ckpt['rng'])
-            print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}")
+            self._restore_progress(ckpt)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal = None
         self.meters = Meters()
@@ -114,13 +133,45 @@ class GanRun:
         self.grid_noise = torch.randn(len(self.grid_labels), self.G.dim_noise,
                                       generator=torch.Generator().manual_seed(args.seed)).to(self.device)
 
+        # everything checked: from here on files are written
+        self.runlog = RunLog(args)
+        remove_stale_temps(self.runlog.results_dir)  # partial writes of a killed run
+        if self.resumed_from:
+            print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}"
+                  + threads_note)
+
+    def _restore_progress(self, ckpt):
+        where = self.resumed_from
+        try:
+            self.epoch, self.iteration = int(ckpt['epoch']), int(ckpt['iteration'])
+            self.epoch_iteration, self.order = int(ckpt['epoch_iteration']), ckpt['order']
+            self.best, self.validate_pending = dict(ckpt['best']), bool(ckpt['validate_pending'])
+            self.data_gen.set_state(ckpt['data_rng'])
+            set_rng_state(ckpt['rng'])  # last: building the models above drew from the generators
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"--resume: {where} holds a damaged run state ({type(e).__name__})") from None
+        if self.order is not None and len(self.order) != len(self.train_split):
+            raise UserError(f"--resume: {where} was made with {len(self.order)} training images, the data "
+                            f"now has {len(self.train_split)}")
+        self.last_good = (where, self.iteration)
+
+    def _match_threads(self, ckpt):
+        """CPU float results depend on the thread count: a --deterministic resume takes the run's."""
+        saved = ckpt.get('num_threads')
+        if self.args.deterministic and saved and saved != torch.get_num_threads():
+            was = torch.get_num_threads()
+            torch.set_num_threads(saved)
+            return f" (--deterministic: {saved} CPU threads as the run had, not {was})"
+        return ''
+
     def _load_optimizers(self, ckpt, where):
         for key, opt in (('optim_g', self.opt_g), ('optim_d', self.opt_d)):
             if key in ckpt:
                 try:
                     opt.load_state_dict(ckpt[key])
-                except (ValueError, KeyError) as e:
-                    raise UserError(f"{where}: its {key} does not fit ({e})") from None
+                except (ValueError, KeyError, TypeError) as e:
+                    raise UserError(f"{where}: its {key} does not fit ({type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
     # -- loop helpers ------------------------------------------------------------------------
 
@@ -136,21 +187,35 @@ class GanRun:
         self.bad_step = torch.where((self.bad_step < 0) & ~finite,
                                     torch.full_like(self.bad_step, self.iteration), self.bad_step)
 
-    def check_finite(self):
+    def _last_good_text(self):
+        if self.last_good is None:
+            return "none (nothing saved yet" + (f"; the run started from {self.args.weight})"
+                                                 if getattr(self.args, 'weight', '') else ")")
+        return f"{self.last_good[0]} (iteration {self.last_good[1]})"
+
+    def check_finite(self, weights=False):
+        """Stop (Diverged) once a loss was NaN or infinite; with `weights`, also when G or D holds a
+        non-finite number (a step can break the weights before any loss shows it)."""
         step = int(self.bad_step)
         if step >= 0:
-            last = os.path.join(self.runlog.results_dir, LAST)
-            have = last if os.path.exists(last) else 'none yet'
-            raise Diverged(f"a loss became NaN or infinite at iteration {step} (epoch {self.epoch + 1}); "
-                           f"stopped without saving; last good checkpoint: {have}")
+            epoch = (step - 1) // max(1, len(self.train_stream)) + 1
+            raise Diverged(f"a loss became NaN or infinite at iteration {step} (epoch {epoch}); stopped "
+                           f"without saving; last good checkpoint: {self._last_good_text()}")
+        if weights:
+            params = [p for m in (self.G, self.D) for p in m.parameters()]
+            if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+                raise Diverged(f"the generator or discriminator weights became NaN or infinite by iteration "
+                               f"{self.iteration}; stopped without saving; last good checkpoint: "
+                               f"{self._last_good_text()}")
 
     def install_signal_handlers(self):
+        """SIGTERM/SIGINT only set a flag: the loop saves and stops at the next step or validation epoch.
+        A second signal stops at once (KeyboardInterrupt), with what the last save holds."""
         def handler(signum, frame):
-            if self.stop_signal is not None:  # a second signal: stop now
+            if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def stop_requested(self):
         return self.stop_signal is not None
@@ -169,10 +234,10 @@ class GanRun:
             self.runlog.scalars({SCALAR_TAGS.get(k, k): v for k, v in means.items()}, self.iteration)
             self.runlog.log(f"epoch {self.epoch + 1} iter {self.iteration}: "
                             + '  '.join(f'{k} {v:.4f}' for k, v in means.items()))
-        if args.save_every and self.iteration % args.save_every == 0:
+        stop = self.stop_requested()
+        if stop or (args.save_every and self.iteration % args.save_every == 0):
             self.save(LAST, save_extra() if save_extra else None)
-        if self.stop_requested():
-            self.save(LAST, save_extra() if save_extra else None)
+        if stop:
             raise Interrupted
 
     def end_epoch(self):
@@ -182,26 +247,36 @@ class GanRun:
         self.save_samples()
 
     def validate(self):
-        """Validate G with every --eval-model (the validation protocol of the reference)."""
+        """Validate G with every --eval-model (the validation protocol of the reference). A signal
+        stops it at the next classifier epoch; the loop saved last.pth just before, so a resume
+        runs this validation again from its start, with the same random numbers."""
         print(f"validation after epoch {self.epoch} (iteration {self.iteration}):")
         return validate(self.G, self.info, self.test_split, self.args, self.device, self.ctx, self.runlog,
                         self.iteration, extra_iteration=True, stop=self.stop_requested)
 
     def execute(self, loop):
-        """Run a stage's loop: SIGTERM/SIGINT save and stop (exit 128+signal), NaN stops (exit 1)."""
-        self.install_signal_handlers()
+        """Run a stage's loop. SIGTERM/SIGINT: save last.pth and exit 128+signal (143/130); a second
+        signal exits at once with the same status. Non-finite loss: exit 1, nothing saved."""
+        previous = self.install_signal_handlers()
         code = 0
         try:
             loop(self)
         except Interrupted:
             print(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {self.epoch}, iteration "
-                  f"{self.iteration}; state saved in {self.runlog.path(LAST)}; continue with --resume")
+                  f"{self.iteration}; state saved in {self.last_good[0] if self.last_good else '(nothing)'}"
+                  "; continue with --resume")
             code = 128 + self.stop_signal
+        except KeyboardInterrupt:  # a second signal while stopping
+            print(f"stopped at once by a second signal; continue with --resume from "
+                  f"{self._last_good_text()}", file=sys.stderr)
+            code = 128 + (self.stop_signal or signal.SIGINT)
         except Diverged as e:
             print(f"error: {e}", file=sys.stderr)
             code = 1
         finally:
             self.close()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
         if code:
             sys.exit(code)
 
@@ -216,13 +291,20 @@ class GanRun:
             'epoch': self.epoch, 'iteration': self.iteration, 'epoch_iteration': self.epoch_iteration,
             'order': self.order, 'best': self.best, 'validate_pending': self.validate_pending,
             'args': vars(self.args), 'rng': rng_state(), 'data_rng': self.data_gen.get_state(),
+            'num_threads': torch.get_num_threads(),
             **(extra or {}),
         }
 
     def save(self, name, extra=None):
-        self.check_finite()  # never write a diverged generator
+        """Write results/<tag>/<name> atomically; never a diverged generator."""
+        self.check_finite(weights=True)
         path = self.runlog.path(name)
-        save_checkpoint(self.state(extra), path)
+        try:
+            save_checkpoint(self.state(extra), path)
+        except OSError as e:
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        if name == LAST:
+            self.last_good = (path, self.iteration)
         return path
 
     @torch.no_grad()
