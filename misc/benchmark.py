@@ -290,6 +290,15 @@ def project(rows):
 
 # ---------------------------------------------------------------------------------------------------
 
+def reference_backend(device):
+    """The reference's cuDNN settings: deterministic, no autotuning, and PyTorch's TF32 defaults
+    (convolutions in TF32, matrix products in full fp32)."""
+    setup_backend(device, deterministic=True)
+    if device.type == 'cuda':
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -360,7 +369,7 @@ def main(argv=None):
     for config in opts.configs:
         if config == 'plain':
             fast = FastPath.plain(device)
-            setup_backend(device, deterministic=True)
+            reference_backend(device)
         else:
             fast = FastPath.from_args(opts, device)
             setup_backend(device, deterministic=False)

@@ -6,9 +6,12 @@ through the fast path (channels-last, foreach or fused optimizers, torch.compile
 and the losses and parameters must agree. Mixed precision: the gradient penalty's double backward under
 bf16 and fp16 (with loss scaling), GradScaler steps, and an overflow that must skip a step, not stop a run.
 All on the CPU at tiny sizes; the workloads are misc/benchmark.py's, which call the real step functions.
+DIM_TEST_DEVICE=cuda runs the path comparisons on a GPU instead (TF32 off, deterministic cuDNN); the
+mixed-precision tests stay on the CPU.
 """
 import collections
 import copy
+import os
 import traceback
 from dataclasses import replace
 
@@ -29,11 +32,12 @@ from utils.runtime import (FastPath, autocast, cpu_fp16_supported, load_optimize
                            resolve_amp, scale_value)
 
 CPU = torch.device('cpu')
-PLAIN = FastPath.plain(CPU)
+DEVICE = torch.device(os.environ.get('DIM_TEST_DEVICE', 'cpu'))
+PLAIN = FastPath.plain(DEVICE)
 FAST = {
-    'foreach': FastPath(CPU, optim_impl='foreach'),
-    'fused': FastPath(CPU, optim_impl='fused'),
-    'channels_last+fused': FastPath(CPU, channels_last=True, optim_impl='fused'),
+    'foreach': FastPath(DEVICE, optim_impl='foreach'),
+    'fused': FastPath(DEVICE, optim_impl='fused'),
+    'channels_last+fused': FastPath(DEVICE, channels_last=True, optim_impl='fused'),
 }
 ITERS = 3
 WIDTH, BATCH, TRAIN = 8, 8, 64
@@ -48,6 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def exact_gpu():
+    """On a GPU: fp32 without TF32, deterministic cuDNN, so two correct paths agree to fp32 rounding."""
+    if DEVICE.type != 'cuda':
+        yield
+        return
+    from utils.runtime import setup_backend
+    setup_backend(DEVICE, deterministic=True)
+    yield
+    setup_backend(DEVICE, deterministic=False)
 
 
 @pytest.fixture
@@ -347,7 +363,7 @@ def _conv_net():
 @pytest.mark.parametrize('direction', ['plain_to_fast', 'fast_to_plain'])
 def test_optimizer_state_moves_between_implementations(opt_cls, kwargs, direction):
     x = torch.randn(4, 3, 8, 8)
-    paths = [PLAIN, FAST['channels_last+fused']]
+    paths = [FastPath.plain(CPU), FastPath(CPU, channels_last=True, optim_impl='fused')]
     src_path, dst_path = paths if direction == 'plain_to_fast' else paths[::-1]
 
     def make(path):
