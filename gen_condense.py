@@ -18,19 +18,25 @@ def get_parser():
     return p
 
 
+def train_iteration(r, images, labels):
+    """One GAN iteration on a real batch (uint8 images): generator step, then discriminator step."""
+    real = to_gan_range(images)
+    metrics = generator_step(r.G_step, r.D_step, r.opt_g, labels, r.ctx, scaler=r.scaler_g)
+    metrics.update(discriminator_step(r.G_step, r.D_step, r.opt_d, real, labels, r.ctx, scaler=r.scaler_d,
+                                      gp_amp=r.fast.gp_amp))
+    return metrics
+
+
 def train(r):
     args = r.args
     print(f"stage 1: {r.info.name}, {len(r.train_split)} training images, {len(r.train_stream)} "
-          f"iterations per epoch, {args.epochs} epochs, device {r.device}, amp {args.amp}")
+          f"iterations per epoch, {args.epochs} epochs, device {r.device}, {r.fast.describe()}")
     while r.epoch < args.epochs or r.validate_pending:
         if not r.validate_pending:  # else: resumed in the middle of a validation; finish it first
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs}')
             for images, labels in bar:
-                real = to_gan_range(images)
-                metrics = generator_step(r.G, r.D, r.opt_g, labels, r.ctx)
-                metrics.update(discriminator_step(r.G, r.D, r.opt_d, real, labels, r.ctx))
-                r.after_iteration(metrics)
+                r.after_iteration(train_iteration(r, images, labels))
             r.end_epoch()
             if r.epoch % args.eval_interval == 0:
                 r.save(f'model_dict_{r.epoch}.pth')

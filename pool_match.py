@@ -10,7 +10,6 @@ validated and results/<tag>/model_dict_<eval model>.pth is written when that mod
 import random
 
 import torch
-import torch.nn.functional as F
 
 from data.datasets import to_gan_range
 from models import list_models
@@ -19,8 +18,9 @@ from utils.augment import make_augment, normalize
 from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, run, stage_parser, str2bool
 from utils.errors import UserError
-from utils.evaluate import build_classifier, classifier_optimizer
+from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.matching import feature_match_loss, gradient_match_loss, logit_match_loss
+from utils.runtime import eager, load_optimizer_state
 from utils.stage import GanRun
 
 POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
@@ -53,7 +53,8 @@ class Pool:
         self.r, self.args = r, r.args
         self.train_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=False)
         self.match_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=True)
-        self.name = self.model = self.opt = None
+        self.name = self.model = self.net = self.opt = None
+        self.scaler = r.fast.scaler()  # fp16 only; else None
         state = (r.ckpt or {}).get('pool') if r.resumed_from else None
         if state:
             try:
@@ -61,15 +62,17 @@ class Pool:
                 with torch.random.fork_rng(devices=[]):
                     self.build(state['name'])
                 self.model.load_state_dict(state['model'])
-                self.opt.load_state_dict(state['optimizer'])
+                load_optimizer_state(self.opt, state['optimizer'])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"--resume: the pool model in {r.resumed_from} does not fit "
                                 f"({type(e).__name__})") from None
 
     def build(self, name):
+        fast = self.r.fast
         self.name = name
-        self.model = build_classifier(name, self.r.info, self.r.device)
-        self.opt = classifier_optimizer(self.model, self.args.pool_lr)
+        self.model = build_classifier(name, self.r.info, self.r.device, fast)
+        self.opt = classifier_optimizer(self.model, self.args.pool_lr, **fast.optimizer_kwargs(torch.optim.SGD))
+        self.net = fast.compiled(self.model)  # what the steps call; self.model is what is saved
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict()}}
@@ -83,14 +86,9 @@ class Pool:
         """--epochs-match-train SGD steps on random real batches (each one the first batch of a fresh
         shuffled pass, as re-iterating the reference's loader gave)."""
         self.model.train()
-        for _ in range(self.args.epochs_match_train):
-            images, labels = self.r.train_stream.random_batch()
+        for images, labels in self.r.train_stream.random_batches(self.args.epochs_match_train):
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
-            with self.r.ctx:
-                loss = F.cross_entropy(self.model(x).float(), labels)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            classifier_step(self.net, self.opt, x, labels, self.r.ctx, self.scaler)
 
     def match_loss(self, real, fake, labels):
         """Train the pool model, then compare it on real and generated images; gradients reach G."""
@@ -99,17 +97,28 @@ class Pool:
         if self.args.match_aug:  # one draw for both halves: the same transform on pair i
             real, fake = self.match_aug(torch.cat([real, fake])).chunk(2)
         if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params
-            return gradient_match_loss(self.model, real, labels, fake, labels, self.args.metric,
+            return gradient_match_loss(eager(self.model), real, labels, fake, labels, self.args.metric,
                                        self.args.bias, self.args.fc).float()
         self.model.requires_grad_(False)  # only G needs gradients of the match term
         try:
             with self.r.ctx:
                 if self.args.match == 'logit':
-                    return logit_match_loss(self.model, real, fake).float()
+                    return logit_match_loss(self.net, real, fake).float()
                 return feature_match_loss(self.model, real, fake, idx_from=self.args.idx_from,
                                           idx_to=self.args.idx_to).float()
         finally:
             self.model.requires_grad_(True)
+
+
+def train_iteration(r, pool, images, labels):
+    """One stage-2 iteration on a real batch (uint8 images): the generator step with the pool model's
+    training and match term inside it, then stage 1's discriminator step."""
+    real = to_gan_range(images)
+    metrics = generator_step(r.G_step, r.D_step, r.opt_g, labels, r.ctx, scaler=r.scaler_g,
+                             extra_loss=lambda fake: pool.match_loss(real, fake, labels))
+    metrics.update(discriminator_step(r.G_step, r.D_step, r.opt_d, real, labels, r.ctx, scaler=r.scaler_d,
+                                      gp_amp=r.fast.gp_amp))
+    return metrics
 
 
 def train(r):
@@ -117,7 +126,7 @@ def train(r):
     pool = Pool(r)
     print(f"stage 2: {r.info.name}, match {args.match}{' + aug' if args.match_aug else ''}, pool "
           f"{' '.join(args.pool)}, {len(r.train_stream)} iterations per epoch, {args.epochs} epochs, "
-          f"device {r.device}, amp {args.amp}")
+          f"device {r.device}, {r.fast.describe()}")
     while r.epoch < args.epochs or r.validate_pending:
         if not r.validate_pending:
             if r.epoch_iteration == 0 or pool.model is None:
@@ -126,11 +135,7 @@ def train(r):
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')
             for images, labels in bar:
-                real = to_gan_range(images)
-                metrics = generator_step(r.G, r.D, r.opt_g, labels, r.ctx,
-                                         extra_loss=lambda fake: pool.match_loss(real, fake, labels))
-                metrics.update(discriminator_step(r.G, r.D, r.opt_d, real, labels, r.ctx))
-                r.after_iteration(metrics, save_extra=pool.state)
+                r.after_iteration(train_iteration(r, pool, images, labels), save_extra=pool.state)
             r.end_epoch()
             r.validate_pending = r.epoch % args.eval_interval == 0
             r.save(LAST, pool.state())

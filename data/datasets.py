@@ -226,9 +226,8 @@ def to_gan_range(x_uint8):
 
 def to_classifier_input(x_uint8, info):
     """uint8 pixels -> classifier input normalised by the dataset statistics (test images)."""
-    mean = torch.tensor(info.mean, device=x_uint8.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x_uint8.device).view(1, -1, 1, 1)
-    return (x_uint8.float().div(255) - mean) / std
+    from utils.augment import normalize  # cached device constants: no host-to-device copy per batch
+    return normalize(x_uint8.float().div(255), info.mean, info.std)
 
 
 def storage_device(split, device, max_gb=8.0):
@@ -271,10 +270,18 @@ class BatchStream:
 
     def random_batch(self):
         """The first batch of a fresh shuffled pass (what re-iterating a shuffled DataLoader gives)."""
-        idx = torch.randperm(len(self.labels), generator=self.generator)[:self.batch_size]
-        idx = idx.to(self.images.device)
-        return (self.images[idx].to(self.device, non_blocking=True),
-                self.labels[idx].to(self.device, non_blocking=True))
+        return next(self.random_batches(1))
+
+    def random_batches(self, count):
+        """`count` such batches, independent, drawn at once where the images are: each batch is the
+        indices of the `batch_size` largest of fresh uniform keys -- a uniformly random subset in
+        uniformly random order, as a fresh permutation's first batch. This uses torch's global RNG of
+        that device (checkpointed with the other RNG states): a CPU permutation per batch cost
+        milliseconds of host time, and its copy to the GPU waited for the GPU."""
+        keys = torch.rand(count, len(self.labels), device=self.images.device)
+        for idx in keys.topk(self.batch_size, dim=1).indices:
+            yield (self.images[idx].to(self.device, non_blocking=True),
+                   self.labels[idx].to(self.device, non_blocking=True))
 
 
 def test_batches(split, device, batch_size=500):

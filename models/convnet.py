@@ -1,5 +1,4 @@
 """ConvNet-3: the standard small network of the dataset-distillation literature."""
-import torch
 import torch.nn as nn
 
 from models.staged import StagedNet

@@ -6,7 +6,6 @@ downsampling; it is the ResNetAP used in the dataset-condensation literature.
 """
 from functools import partial
 
-import torch
 import torch.nn as nn
 
 from models.staged import StagedNet

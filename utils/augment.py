@@ -13,6 +13,7 @@ instead of the real/fake gap. ``batch=False`` draws independently per image
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -248,9 +249,18 @@ def make_augment(strategy: str, mixup_net: str = 'cut', batch: bool = False) -> 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Per-channel ``(x - mean) / std`` for [B, C, H, W] or [C, H, W] input."""
-    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(-1, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(-1, 1, 1)
+    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
+    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Made once per (values, device, dtype): building it from a Python list on every call copies it
+    # host-to-device from pageable memory, which on CUDA waits for all queued GPU work (a sync per
+    # call on the hot path). Never in inference mode, so autograd may save it for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def cutmix(images: Tensor, labels: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor, float]:

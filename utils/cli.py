@@ -92,8 +92,23 @@ def stage_parser(description, batch_size, epochs, lr):
     g.add_argument('--amp', default='auto', choices=('auto', 'bf16', 'fp16', 'off'),
                    help='mixed precision (auto: bf16 on CUDA, off on CPU)')
     g.add_argument('--deterministic', action='store_true', help='reproducible kernels (slower on GPU)')
+    add_fastpath_flags(g)
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
+
+
+def add_fastpath_flags(g):
+    """How the work runs, not what it computes (utils/runtime.FastPath)."""
+    from utils.runtime import COMPILE_MODES, OPTIM_IMPLS, SWITCH
+    g.add_argument('--channels-last', default='auto', choices=SWITCH,
+                   help='conv weights and activations in NHWC (auto: on for CUDA, off on CPU)')
+    g.add_argument('--compile', nargs='?', const='default', default='off', choices=COMPILE_MODES,
+                   help='torch.compile G, D and the classifiers (bare --compile: default mode)')
+    g.add_argument('--optim-impl', default='auto', choices=OPTIM_IMPLS,
+                   help='optimizer kernels (auto: fused on CUDA, foreach on CPU)')
+    g.add_argument('--gp-amp', action='store_true',
+                   help='run the gradient penalty under --amp too (default: fp32, the reference\'s '
+                        'precision; bf16 moves the penalty by a few percent)')
 
 
 def add_resume_flags(p, save_every):

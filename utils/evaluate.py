@@ -10,15 +10,31 @@ from models import create_model
 from utils.adversarial import generate
 from utils.augment import cutmix, make_augment, normalize
 from utils.errors import Interrupted
+from utils.runtime import FastPath, backward_step
 
 
-def classifier_optimizer(model, lr):
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+def classifier_optimizer(model, lr, **impl):
+    """SGD 0.9 momentum, 5e-4 weight decay; `impl`: FastPath.optimizer_kwargs (fused/foreach)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, **impl)
 
 
-def build_classifier(name, info, device):
+def build_classifier(name, info, device, fast=None):
     model = create_model(name, info.num_classes, info.channels, info.img_size, stem=info.resnet_stem)
-    return model.to(device)
+    return fast.prepare(model) if fast is not None else model.to(device)
+
+
+def classifier_step(model, opt, images, labels, ctx, scaler=None, mix=None):
+    """One SGD step on cross-entropy; `mix` = (labels_b, lam) from CutMix: lam * CE(labels) +
+    (1 - lam) * CE(labels_b). Returns the loss as a device tensor."""
+    with ctx:
+        logits = model(images).float()
+        loss = F.cross_entropy(logits, labels)
+        if mix is not None:
+            labels_b, lam = mix
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
+    opt.zero_grad(set_to_none=True)
+    backward_step(loss, opt, scaler)
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -66,8 +82,11 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     periodic tests (the paper's number: selected on the test set)."""
     G_was_training = G.training
     G.eval()  # BatchNorm running statistics, as the reference validates
-    model = build_classifier(model_name, info, device)
-    opt = classifier_optimizer(model, args.eval_lr)
+    fast = FastPath.from_args(args, device)
+    G_net = fast.compiled(fast.prepare(G))
+    model = build_classifier(model_name, info, device, fast)
+    opt = classifier_optimizer(model, args.eval_lr, **fast.optimizer_kwargs(torch.optim.SGD))
+    net, scaler = fast.compiled(model), fast.scaler()
     augment = make_augment(args.aug_type, args.mixup_net, batch=False)
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
     use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
@@ -79,17 +98,12 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
             raise Interrupted
         model.train()
         for _ in range(iters):
-            images, labels = generated_batch(G, args.batch_size, info, augment, device)
-            with ctx:
-                if use_cutmix and np.random.rand() < args.mix_p:
-                    images, labels_a, labels_b, lam = cutmix(images, labels, args.beta)
-                    logits = model(images).float()
-                    loss = lam * F.cross_entropy(logits, labels_a) + (1 - lam) * F.cross_entropy(logits, labels_b)
-                else:
-                    loss = F.cross_entropy(model(images).float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            images, labels = generated_batch(G_net, args.batch_size, info, augment, device)
+            mix = None
+            if use_cutmix and np.random.rand() < args.mix_p:
+                images, labels, labels_b, lam = cutmix(images, labels, args.beta)
+                mix = (labels_b, lam)
+            classifier_step(net, opt, images, labels, ctx, scaler, mix)
         if (epoch + 1) % args.test_interval == 0 or epoch + 1 == args.epochs_eval:
             final1, final5 = test(model, test_split, info, device, ctx)
             best1, best5 = max(best1, final1), max(best5, final5)

@@ -27,7 +27,8 @@ def _fp32(t: Tensor) -> Tensor:
 
 
 def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor,
-                     weight: float = 10.0, alpha: Tensor | None = None) -> Tensor:
+                     weight: float = 10.0, alpha: Tensor | None = None,
+                     grad_scale: Tensor | None = None) -> Tensor:
     """WGAN-GP: ``weight * mean((||d critic(x_hat) / d x_hat||_2 - 1)^2)``.
 
     ``x_hat = a * real + (1 - a) * fake`` with ``a ~ U(0, 1)`` per sample (or the
@@ -35,14 +36,22 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     interpolates are a fresh leaf (no gradient to the generator); the graph of
     the input gradient is kept so the penalty can be backpropagated into the
     critic's weights (double backward).
+
+    ``grad_scale`` (fp16 loss scaling): the input gradient is taken of the
+    critic output times this scale and divided by it again, so it does not
+    underflow in half precision; the penalty's value is unchanged.
     """
     B = real.shape[0]
     if alpha is None:
         alpha = torch.rand(B, device=real.device)
     a = alpha.to(device=real.device, dtype=real.dtype).view(B, *([1] * (real.dim() - 1)))
     x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
-    scores = critic(x_hat)
-    grad, = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    scores = critic(x_hat).sum()
+    if grad_scale is not None:
+        scores = scores * grad_scale
+    grad, = torch.autograd.grad(scores, x_hat, create_graph=True)
+    if grad_scale is not None:
+        grad = _fp32(grad) / grad_scale
     norm = _fp32(grad.flatten(1)).norm(2, dim=1)
     return weight * ((norm - 1) ** 2).mean()
 

@@ -1,11 +1,28 @@
-"""Device, precision, seeding and random-number-generator state: what every stage sets up the same way."""
+"""Device, precision, seeding and random-number-generator state, and the fast path: what every stage
+sets up the same way.
+
+The fast path (`FastPath`) changes how the work runs, never what is computed: the memory format of
+conv weights (channels-last), the optimizer kernels (fused / foreach / per-parameter loop),
+torch.compile of the modules, and loss scaling for fp16. Each stage builds one from its flags
+(`FastPath.from_args`) and asks it for modules, optimizers, scalers and compiled callables.
+"""
 import contextlib
+import functools
+import inspect
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from utils.errors import UserError
+
+AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
+# torch.compile modes offered: no CUDA-graph mode ('reduce-overhead') -- the step functions keep tensors
+# across calls in ways CUDA-graph trees do not promise to support, and it is not verified here
+COMPILE_MODES = ('off', 'default', 'max-autotune-no-cudagraphs')
+OPTIM_IMPLS = ('auto', 'fused', 'foreach', 'for-loop')
+SWITCH = ('auto', 'on', 'off')
 
 
 def select_device(name='auto'):
@@ -19,30 +36,223 @@ def select_device(name='auto'):
 
 
 def setup_backend(device, deterministic):
-    """cuDNN autotuning is faster; --deterministic trades it for run-to-run identical results."""
+    """cuDNN autotuning (and TF32 for float32 convs and matmuls) is faster; --deterministic trades it
+    for run-to-run identical results."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
+        _allow_tf32(not deterministic)
+
+
+def _allow_tf32(on):
+    # torch >= 2.9 spells it fp32_precision ('tf32' / 'ieee'); allow_tf32 is the older spelling, which
+    # newer releases plan to retire. Mixing the two spellings is refused by some versions: use one.
+    matmul, cudnn_conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, 'conv', None)
+    if hasattr(matmul, 'fp32_precision') and hasattr(cudnn_conv, 'fp32_precision'):
+        value = 'tf32' if on else 'ieee'
+        matmul.fp32_precision = value
+        cudnn_conv.fp32_precision = value
+    else:
+        matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_fp16_supported():
+    """Whether this torch autocasts to float16 on the CPU and has a CPU GradScaler (torch >= 2.3/2.4)."""
+    if not hasattr(torch.amp, 'GradScaler'):
+        return False
+    try:
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = torch.ones(2, 2) @ torch.ones(2, 2)
+        return out.dtype == torch.float16
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def resolve_amp(amp, device):
-    """'auto' is bf16 on CUDA and off on the CPU (where bf16 is slower and only adds noise)."""
+    """'auto' is bf16 on CUDA and off on the CPU (where bf16 is slower and only adds noise).
+    fp16 on the CPU is allowed where torch supports it (slow: meant for testing the fp16 path)."""
     if amp == 'auto':
         return 'bf16' if device.type == 'cuda' else 'off'
-    if amp == 'fp16' and device.type != 'cuda':
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+    if amp == 'fp16' and device.type != 'cuda' and not (device.type == 'cpu' and cpu_fp16_supported()):
+        raise UserError(f"--amp fp16 is not supported on {device.type} by torch {torch.__version__}; "
+                        "use --amp bf16 or off")
     return amp
 
 
 def autocast(amp, device):
-    """The context every forward pass runs in: autocast for bf16/fp16, nothing for fp32."""
+    """The context every forward pass runs in: autocast for bf16/fp16, nothing for fp32.
+    (torch.autocast objects keep state on enter: reuse one only sequentially, never nested.)"""
     if amp == 'off':
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
+def make_scaler(amp, device):
+    """A dynamic loss scaler for fp16 (its range is too small for raw gradients); None otherwise.
+    One scaler per optimizer, so a step skipped for one network does not back off the other's scale."""
+    if amp != 'fp16':
+        return None
+    if hasattr(torch.amp, 'GradScaler'):  # torch >= 2.3: any device type
+        return torch.amp.GradScaler(device.type)
+    if device.type == 'cuda':
+        return torch.cuda.amp.GradScaler()
+    raise UserError(f"fp16 loss scaling on {device.type} needs a newer torch than {torch.__version__}")
+
+
+def scale_value(scaler, device):
+    """The scaler's current scale as a 0-dim device tensor, read without a host sync (get_scale()
+    would call .item())."""
+    return scaler.scale(torch.ones((), device=device))
+
+
+def backward_step(loss, opt, scaler=None):
+    """Backward and optimizer step, through the loss scaler when there is one.
+
+    With fp16 the scaler skips the step (and halves the scale) when a gradient overflowed. A fused
+    optimizer takes the overflow flag on the device; any other makes scaler.step wait for it (.item())."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast path
+
+def resolve_switch(value, device, flag):
+    """'auto' means on for CUDA and off elsewhere; also accepts booleans."""
+    if isinstance(value, bool):
+        return value
+    if value not in SWITCH:
+        raise UserError(f"{flag} must be one of {', '.join(SWITCH)}, got {value!r}")
+    return device.type == 'cuda' if value == 'auto' else value == 'on'
+
+
+def _has_kwarg(cls, name):
+    try:
+        return name in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve_optim_impl(impl, device):
+    """'auto': fused kernels on CUDA (one launch for all parameters, and no host sync under fp16 loss
+    scaling), foreach (a few multi-tensor launches) elsewhere."""
+    if impl not in OPTIM_IMPLS:
+        raise UserError(f"--optim-impl must be one of {', '.join(OPTIM_IMPLS)}, got {impl!r}")
+    if impl == 'auto':
+        return 'fused' if device.type == 'cuda' else 'foreach'
+    return impl
+
+
+def eager(module):
+    """The plain module behind a torch.compile wrapper (the same parameters). Double backward -- the
+    gradient penalty -- is not supported through compiled graphs, so it runs the eager module."""
+    return getattr(module, '_orig_mod', module)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    device: torch.device
+    amp: str = 'off'               # resolved: bf16 / fp16 / off
+    channels_last: bool = False    # conv weights (and so conv activations) in NHWC
+    compile: str = 'off'           # torch.compile mode, or 'off'
+    optim_impl: str = 'for-loop'   # fused / foreach / for-loop
+    gp_amp: bool = False           # the gradient penalty under `amp` too (else fp32, as the reference)
+    compile_backend: str = 'inductor'
+
+    @classmethod
+    def from_args(cls, args, device, **overrides):
+        """From a stage's flags (--amp, --channels-last, --compile, --optim-impl, --gp-amp); flags
+        missing from an old checkpoint's args take their defaults."""
+        compile_mode = getattr(args, 'compile', 'off') or 'off'
+        if compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        fields = dict(amp=resolve_amp(getattr(args, 'amp', 'auto'), device),
+                      channels_last=resolve_switch(getattr(args, 'channels_last', 'auto'), device,
+                                                   '--channels-last'),
+                      compile=compile_mode,
+                      optim_impl=resolve_optim_impl(getattr(args, 'optim_impl', 'auto'), device),
+                      gp_amp=bool(getattr(args, 'gp_amp', False)))
+        fields.update(overrides)
+        return cls(device, **fields)
+
+    @classmethod
+    def plain(cls, device, amp='off'):
+        """The reference's way: contiguous tensors, a per-parameter optimizer loop, no compilation."""
+        return cls(device, amp=amp)
+
+    def describe(self):
+        gp = self.amp if self.gp_amp and self.amp != 'off' else 'fp32'
+        return (f"amp {self.amp} (gradient penalty {gp}), channels-last {'on' if self.channels_last else 'off'}, "
+                f"optimizer {self.optim_impl}, compile {self.compile}")
+
+    def ctx(self):
+        return autocast(self.amp, self.device)
+
+    def scaler(self):
+        return make_scaler(self.amp, self.device)
+
+    def prepare(self, module):
+        """Move a module to the device, in channels-last when asked. Do it before its optimizer is
+        built, so the optimizer's state is created in the parameters' layout."""
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)  # 4-D parameters only
+        return module
+
+    def compiled(self, module):
+        """A torch.compile wrapper of `module` sharing its parameters, or the module itself."""
+        if self.compile == 'off':
+            return module
+        mode = None if self.compile == 'default' else self.compile
+        return torch.compile(module, mode=mode, backend=self.compile_backend)
+
+    def optimizer_kwargs(self, cls):
+        """Keyword arguments choosing the optimizer implementation (fused falls back to foreach where
+        this torch's `cls` has no fused kernel)."""
+        if self.optim_impl == 'fused' and _has_kwarg(cls, 'fused'):
+            return {'fused': True}
+        if self.optim_impl == 'for-loop':
+            return {'foreach': False}
+        return {'foreach': True}
+
+
+def load_optimizer_state(opt, state):
+    """opt.load_state_dict(state), keeping the implementation `opt` was built with.
+
+    A state dict carries its writer's `fused`/`foreach` choice, its 'step' counters on the writer's
+    device and its buffers in the writer's memory format. Restore this optimizer's own choice, put
+    'step' where that implementation wants it (fused: the parameter's device; otherwise the CPU, where
+    reading it costs no sync), and give every buffer its parameter's layout: multi-tensor kernels walk
+    parameters and buffers as flat memory, so the layouts must agree.
+    """
+    impl = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, keep in zip(opt.param_groups, impl):
+        group.update(keep)
+        for p in group['params']:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            for key, value in list(st.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if key == 'step':
+                    on_device = group.get('fused') or group.get('capturable')
+                    st[key] = value.to(device=p.device if on_device else 'cpu', dtype=torch.float32)
+                elif value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeds and RNG state
 
 def seed_everything(seed):
     random.seed(seed)

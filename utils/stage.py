@@ -8,15 +8,16 @@ import torch
 import torchvision
 
 from data.datasets import BatchStream, load_dataset
-from models import Discriminator, Generator
+from utils.adversarial import build_gan
 from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoint_dataset, gan_configs,
-                              load_checkpoint, load_state, remove_stale_temps, save_checkpoint)
+                              load_checkpoint, load_state, remove_stale_temps,
+                              save_checkpoint)
 from utils.cli import check_common, check_output_dirs
 from utils.errors import Diverged, Interrupted, UserError
 from utils.evaluate import validate
 from utils.runlog import Meters, RunLog
-from utils.runtime import (autocast, resolve_amp, rng_state, seed_everything, select_device,
-                           set_rng_state, setup_backend)
+from utils.runtime import (FastPath, autocast, load_optimizer_state, resolve_amp, rng_state,
+                           seed_everything, select_device, set_rng_state, setup_backend)
 
 # tensorboard names of the per-iteration metrics
 SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match', 'gp': 'Loss/GP',
@@ -25,12 +26,13 @@ SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match
 # Flags a resumed run takes from its command line; every other flag comes from the checkpoint so the
 # run continues as it started (giving one with another value than the run's is refused).
 RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
-                     'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir')
+                     'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir',
+                     'channels_last', 'compile', 'optim_impl')
 
 
-def adam(params, lr):
+def adam(params, lr, **impl):
     # betas as two floats: the reference's (0, 0.9) mixed an int and a float, which current PyTorch refuses
-    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9))
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), **impl)
 
 
 def resolve_data(args, ckpt=None):
@@ -90,6 +92,7 @@ class GanRun:
         threads_note = self._match_threads(ckpt) if self.resumed_from else ''
         args.amp = resolve_amp(args.amp, self.device)
         self.ctx = autocast(args.amp, self.device)
+        self.fast = FastPath.from_args(args, self.device)
         self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
         if ckpt is not None:
             check_compatible(ckpt, self.info, where)
@@ -101,11 +104,12 @@ class GanRun:
                          dict(num_classes=self.info.num_classes, channels=self.info.channels,
                               img_size=self.info.img_size, width=args.width)))
         try:
-            self.G = Generator(**g_cfg).to(self.device)
-            self.D = Discriminator(**d_cfg).to(self.device)
+            nets = build_gan(g_cfg, d_cfg, self.fast, lambda params, **impl: adam(params, args.lr, **impl))
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: cannot rebuild its generator or discriminator ({e})") from None
-        self.opt_g, self.opt_d = adam(self.G.parameters(), args.lr), adam(self.D.parameters(), args.lr)
+        self.G, self.D, self.opt_g, self.opt_d = nets.G, nets.D, nets.opt_g, nets.opt_d
+        # what the training steps call (compiled with --compile), and the fp16 loss scalers (else None)
+        self.G_step, self.D_step, self.scaler_g, self.scaler_d = nets.G_step, nets.D_step, nets.scaler_g, nets.scaler_d
         self.data_gen = torch.Generator().manual_seed(args.seed)
         self.train_stream = BatchStream(self.train_split, args.batch_size, self.device, self.data_gen)
         self.epoch = self.iteration = self.epoch_iteration = 0
@@ -168,7 +172,7 @@ class GanRun:
         for key, opt in (('optim_g', self.opt_g), ('optim_d', self.opt_d)):
             if key in ckpt:
                 try:
-                    opt.load_state_dict(ckpt[key])
+                    load_optimizer_state(opt, ckpt[key])
                 except (ValueError, KeyError, TypeError) as e:
                     raise UserError(f"{where}: its {key} does not fit ({type(e).__name__}: "
                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
