@@ -6,6 +6,7 @@ Every epoch writes results/<tag>/outputs/img_<epoch>.png; every --eval-interval 
 results/<tag>/model_dict_<epoch>.pth and validates the generator (classifiers trained on its images).
 """
 from data.datasets import to_gan_range
+from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, run, stage_parser
@@ -15,6 +16,7 @@ from utils.stage import GanRun
 def get_parser():
     p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=150, lr=1e-4)
     add_resume_flags(p, save_every=2000)
+    distributed.add_flags(p)
     return p
 
 
@@ -28,8 +30,8 @@ def train(r):
                                     desc=f'epoch {r.epoch + 1}/{args.epochs}')
             for images, labels in bar:
                 real = to_gan_range(images)
-                metrics = generator_step(r.G, r.D, r.opt_g, labels, r.ctx)
-                metrics.update(discriminator_step(r.G, r.D, r.opt_d, real, labels, r.ctx))
+                metrics = generator_step(r.G_train, r.D_train, r.opt_g, labels, r.ctx)
+                metrics.update(discriminator_step(r.G_train, r.D_train, r.opt_d, real, labels, r.ctx))
                 r.after_iteration(metrics)
             r.end_epoch()
             if r.epoch % args.eval_interval == 0:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from data.datasets import to_gan_range
 from models import list_models
+from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.augment import make_augment, normalize
 from utils.checkpoint import LAST
@@ -43,6 +44,7 @@ def get_parser():
     g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
     g.add_argument('--pool-lr', type=float, default=0.01, help='SGD learning rate of the pool model')
     add_resume_flags(p, save_every=400)
+    distributed.add_flags(p)
     return p
 
 
@@ -64,6 +66,7 @@ class Pool:
         self.name = name
         self.model = build_classifier(name, self.r.info, self.r.device)
         self.opt = classifier_optimizer(self.model, self.args.pool_lr)
+        self.train_model = distributed.wrap(self.model)  # DDP under torchrun: its SGD steps are data-parallel
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict()}}
@@ -81,7 +84,7 @@ class Pool:
             images, labels = self.r.train_stream.random_batch()
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
             with self.r.ctx:
-                loss = F.cross_entropy(self.model(x).float(), labels)
+                loss = F.cross_entropy(self.train_model(x).float(), labels)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -115,15 +118,15 @@ def train(r):
     while r.epoch < args.epochs or r.validate_pending:
         if not r.validate_pending:
             if r.epoch_iteration == 0 or pool.model is None:
-                pool.build(random.choice(args.pool))
+                pool.build(distributed.broadcast_object(random.choice(args.pool)))  # rank 0's draw
                 print(f"epoch {r.epoch + 1}: pool model {pool.name}")
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')
             for images, labels in bar:
                 real = to_gan_range(images)
-                metrics = generator_step(r.G, r.D, r.opt_g, labels, r.ctx,
+                metrics = generator_step(r.G_train, r.D_train, r.opt_g, labels, r.ctx,
                                          extra_loss=lambda fake: pool.match_loss(real, fake, labels))
-                metrics.update(discriminator_step(r.G, r.D, r.opt_d, real, labels, r.ctx))
+                metrics.update(discriminator_step(r.G_train, r.D_train, r.opt_d, real, labels, r.ctx))
                 r.after_iteration(metrics, save_extra=pool.state)
             r.end_epoch()
             r.validate_pending = r.epoch % args.eval_interval == 0

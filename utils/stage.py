@@ -9,6 +9,7 @@ import torchvision
 
 from data.datasets import BatchStream, load_dataset
 from models import Discriminator, Generator
+from utils import distributed
 from utils.checkpoint import (LAST, check_compatible, checkpoint_dataset, gan_configs, is_official,
                               load_checkpoint, load_state, save_checkpoint)
 from utils.cli import check_common
@@ -62,13 +63,15 @@ class GanRun:
             self.resumed_from = None
         self.args, self.stage = args, stage
         self.device = select_device(args.device)
+        self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
         setup_backend(self.device, args.deterministic)
         args.amp = resolve_amp(args.amp, self.device)
         self.ctx = autocast(args.amp, self.device)
-        self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
+        with distributed.local_main_first():  # under torchrun one download per node, not one per process
+            self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
         if ckpt is not None:
             check_compatible(ckpt, self.info, self.resumed_from or init_weight)
-        self.runlog = RunLog(args)
+        self.runlog = RunLog(args) if distributed.is_main() else distributed.QuietRunLog(args)
         seed_everything(args.seed)
 
         g_cfg, d_cfg = (gan_configs(ckpt, self.info, args.dim_noise, args.width) if ckpt is not None else
@@ -104,6 +107,7 @@ class GanRun:
             self.data_gen.set_state(ckpt['data_rng'])
             set_rng_state(ckpt['rng'])
             print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}")
+        distributed.prepare(self)  # G_train/D_train (DDP under torchrun), sharded stream, per-rank seeds
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal = None
         self.meters = Meters()
@@ -135,7 +139,7 @@ class GanRun:
                                     torch.full_like(self.bad_step, self.iteration), self.bad_step)
 
     def check_finite(self):
-        step = int(self.bad_step)
+        step = distributed.first_bad_step(self.bad_step)  # int(self.bad_step), agreed between ranks
         if step >= 0:
             last = os.path.join(self.runlog.results_dir, LAST)
             have = last if os.path.exists(last) else 'none yet'
@@ -163,13 +167,13 @@ class GanRun:
         self.meters.add(metrics)
         if self.iteration % args.print_freq == 0:
             self.check_finite()
-            means = self.meters.pop()  # the one host sync per print
+            means = distributed.mean_over_ranks(self.meters.pop())  # the one host sync per print
             self.runlog.scalars({SCALAR_TAGS.get(k, k): v for k, v in means.items()}, self.iteration)
             self.runlog.log(f"epoch {self.epoch + 1} iter {self.iteration}: "
                             + '  '.join(f'{k} {v:.4f}' for k, v in means.items()))
         if args.save_every and self.iteration % args.save_every == 0:
             self.save(LAST, save_extra() if save_extra else None)
-        if self.stop_requested():
+        if distributed.stop_requested(self):  # self.stop_requested(), agreed between ranks
             self.save(LAST, save_extra() if save_extra else None)
             raise Interrupted
 
@@ -179,6 +183,7 @@ class GanRun:
         self.order = None
         self.save_samples()
 
+    @distributed.main_rank_only  # under torchrun rank 0 validates, the others get its result
     def validate(self):
         """Validate G with every --eval-model (the validation protocol of the reference)."""
         print(f"validation after epoch {self.epoch} (iteration {self.iteration}):")
@@ -220,12 +225,16 @@ class GanRun:
     def save(self, name, extra=None):
         self.check_finite()  # never write a diverged generator
         path = self.runlog.path(name)
+        if not distributed.is_main():  # under torchrun only rank 0 writes
+            return path
         save_checkpoint(self.state(extra), path)
         return path
 
     @torch.no_grad()
     def save_samples(self):
         """results/<tag>/outputs/img_<epoch>.png: 10 rows of draws, one column per class."""
+        if not distributed.is_main():  # under torchrun only rank 0 writes
+            return
         was_training = self.G.training
         self.G.eval()
         z = self.grid_noise.clone()
