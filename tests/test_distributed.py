@@ -22,7 +22,6 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 from unittest import mock
 
 import pytest
@@ -130,7 +129,7 @@ def _one_iteration(G, D, real, labels, fake_labels, alpha):
         adversarial.discriminator_step(G, D, opt_d, real, labels, contextlib.nullcontext())
 
 
-def _worker(rank, init_file, queue):
+def _worker(rank, init_file):
     torch.set_num_threads(1)
     os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
@@ -138,10 +137,6 @@ def _worker(rank, init_file, queue):
         assert distributed.setup(argparse.Namespace(batch_size=B, sync_bn=False), CPU) == CPU
         _check_steps(rank)
         _check_agreement(rank)
-        queue.put((rank, 'ok'))
-    except BaseException as e:  # report, so the parent shows the failing rank's message
-        queue.put((rank, f'{type(e).__name__}: {e}'))
-        raise
     finally:
         distributed.shutdown()
 
@@ -211,22 +206,16 @@ def _check_agreement(rank):
     assert distributed.broadcast_object(['resnet10', 'convnet'][rank]) == 'resnet10'
 
 
-def test_two_processes_match_one():
-    ctx = mp.get_context('spawn')
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.start_processes(_worker, args=(os.path.join(tmp, 'init'), queue), nprocs=WORLD,
-                               start_method='spawn')
-        finally:
-            reports = dict(queue.get() for _ in range(WORLD)) if not queue.empty() else {}
-        assert reports == {0: 'ok', 1: 'ok'}, reports
+def test_two_processes_match_one(tmp_path):
+    # a failing assertion on either rank comes back as ProcessRaisedException with its traceback
+    mp.start_processes(_worker, args=(str(tmp_path / 'init'),), nprocs=WORLD, start_method='spawn')
 
 
 # -- torchrun end to end ---------------------------------------------------------------------
 
 TINY = ['--data', 'digits', '--width', '8', '--batch-size', '480', '--epochs', '1', '--eval-interval', '1',
-        '--epochs-eval', '1', '--ipc', '1', '--print-freq', '1', '--save-every', '2', '--no-progress']
+        '--epochs-eval', '1', '--ipc', '1', '--print-freq', '1', '--save-every', '2', '--no-progress',
+        '--eval-model', 'resnet10']  # on 28 px the ImageNet stem makes resnet10 cheaper than convnet
 
 
 def _torchrun(script, tmp, *flags):
@@ -272,11 +261,11 @@ def test_torchrun_two_processes_one_set_of_outputs(tmp_path):
     assert ckpt['iteration'] == 1437 // 480 and ckpt['epoch'] == 1 and not ckpt['validate_pending']
 
     out = _torchrun('pool_match.py', tmp, '--tag', 's2', '--weight', os.path.join(results, 'model_dict_1.pth'),
-                    '--pool', 'convnet', '--epochs-match-train', '1')
-    assert out.count('stage 2:') == 1 and out.count('epoch 1: pool model convnet') == 1, out
+                    '--pool', 'resnet10', '--epochs-match-train', '1')  # BatchNorm buffers under DDP too
+    assert out.count('stage 2:') == 1 and out.count('epoch 1: pool model resnet10') == 1, out
     results = os.path.join(tmp, 'results', 's2')
-    assert _files(results) == ['last.pth', 'model_dict_convnet.pth', 'outputs/img_1.png']
+    assert _files(results) == ['last.pth', 'model_dict_resnet10.pth', 'outputs/img_1.png']
     assert len(_files(os.path.join(tmp, 'logs', 's2'))) == 3
     with open(os.path.join(tmp, 'logs', 's2', 'logs.txt')) as f:
         assert f.read().count('stage 2:') == 1
-    _check_checkpoint(os.path.join(results, 'last.pth'), pool='convnet')
+    _check_checkpoint(os.path.join(results, 'last.pth'), pool='resnet10')

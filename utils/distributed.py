@@ -98,10 +98,12 @@ def setup(args, device):
         raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernels)")
     kwargs = {}
     if device.type == 'cuda':
-        if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local}, but only {torch.cuda.device_count()} CUDA device(s) "
-                            f"are visible: start at most that many processes per node")
-        device = torch.device('cuda', local)
+        count = torch.cuda.device_count()
+        if count > 1 and local >= count:
+            raise UserError(f"LOCAL_RANK {local}, but only {count} CUDA devices are visible: start at "
+                            f"most that many processes per node")
+        # one visible device: the launcher gave each process its own GPU (CUDA_VISIBLE_DEVICES per rank)
+        device = torch.device('cuda', local if count > 1 else 0)
         torch.cuda.set_device(device)
         backend, kwargs['device_id'] = 'nccl', device
     else:
@@ -109,7 +111,10 @@ def setup(args, device):
     if not dist.is_initialized():
         dist.init_process_group(backend, **kwargs)  # env:// rendezvous that torchrun prepares
         atexit.register(shutdown)
-    minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN))
+    except ValueError:
+        raise UserError(f"{TIMEOUT_ENV} must be a number of minutes, got {os.environ[TIMEOUT_ENV]!r}") from None
     _state['control'] = dist.new_group(backend='gloo', timeout=datetime.timedelta(minutes=minutes))
     _state['vote'] = _StopVote(_state['control'])
     return device
@@ -163,8 +168,9 @@ class DDP(DistributedDataParallel):
 
     * the wrapped model's own attributes read through (`G.num_classes`, `G.dim_noise`);
     * when no gradient can reach the parameters (under no_grad, or with every parameter frozen, as D
-      is in the generator step) the bare module runs: no reducer expecting gradients that never come,
-      no buffer broadcast (a collective) in a forward only some ranks make.
+      is in the generator step) the bare module runs, as `D.module` would: no reducer bookkeeping for
+      gradients that will not come, and no buffer broadcast (a collective) in a forward that only
+      some ranks might make.
 
     The discriminator step runs two forwards of D before one backward (the real+fake batch, and the
     WGAN-GP interpolates whose input gradient is taken with create_graph). That is safe here: the
