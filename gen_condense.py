@@ -6,6 +6,7 @@ Every epoch writes results/<tag>/outputs/img_<epoch>.png; every --eval-interval 
 results/<tag>/model_dict_<epoch>.pth and validates the generator (classifiers trained on its images).
 """
 from data.datasets import to_gan_range
+from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, run, stage_parser
@@ -15,6 +16,7 @@ from utils.stage import GanRun
 def get_parser():
     p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=150, lr=1e-4)
     add_resume_flags(p, save_every=2000)
+    distributed.add_flags(p)
     return p
 
 

@@ -13,6 +13,7 @@ import torch
 
 from data.datasets import to_gan_range
 from models import list_models
+from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.augment import make_augment, normalize
 from utils.checkpoint import LAST
@@ -43,6 +44,7 @@ def get_parser():
     g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
     g.add_argument('--pool-lr', type=float, default=0.01, help='SGD learning rate of the pool model')
     add_resume_flags(p, save_every=400)
+    distributed.add_flags(p)
     return p
 
 
@@ -72,7 +74,8 @@ class Pool:
         self.name = name
         self.model = build_classifier(name, self.r.info, self.r.device, fast)
         self.opt = classifier_optimizer(self.model, self.args.pool_lr, **fast.optimizer_kwargs(torch.optim.SGD))
-        self.net = fast.compiled(self.model)  # what the steps call; self.model is what is saved
+        # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
+        self.net = distributed.wrap(fast.compiled(self.model))
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict()}}
@@ -130,7 +133,7 @@ def train(r):
     while r.epoch < args.epochs or r.validate_pending:
         if not r.validate_pending:
             if r.epoch_iteration == 0 or pool.model is None:
-                pool.build(random.choice(args.pool))
+                pool.build(distributed.broadcast_object(random.choice(args.pool)))  # rank 0's draw
                 print(f"epoch {r.epoch + 1}: pool model {pool.name}")
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')

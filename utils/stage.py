@@ -13,6 +13,7 @@ from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoin
                               load_checkpoint, load_state, remove_stale_temps,
                               save_checkpoint)
 from utils.cli import check_common, check_output_dirs
+from utils import distributed
 from utils.errors import Diverged, Interrupted, UserError
 from utils.evaluate import validate
 from utils.runlog import Meters, RunLog
@@ -88,12 +89,14 @@ class GanRun:
         self.args, self.stage = args, stage
         check_output_dirs(args)
         self.device = select_device(args.device)
+        self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
         setup_backend(self.device, args.deterministic)
         threads_note = self._match_threads(ckpt) if self.resumed_from else ''
         args.amp = resolve_amp(args.amp, self.device)
         self.ctx = autocast(args.amp, self.device)
         self.fast = FastPath.from_args(args, self.device)
-        self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
+        with distributed.local_main_first():  # under torchrun one download per node, not one per process
+            self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
         if ckpt is not None:
             check_compatible(ckpt, self.info, where)
 
@@ -129,6 +132,7 @@ class GanRun:
                         group['lr'] = args.lr
         if self.resumed_from:
             self._restore_progress(ckpt)
+        distributed.prepare(self)  # G_step/D_step (DDP under torchrun), sharded stream, per-rank seeds
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal = None
         self.meters = Meters()
@@ -138,8 +142,9 @@ class GanRun:
                                       generator=torch.Generator().manual_seed(args.seed)).to(self.device)
 
         # everything checked: from here on files are written
-        self.runlog = RunLog(args)
-        remove_stale_temps(self.runlog.results_dir)  # partial writes of a killed run
+        self.runlog = RunLog(args) if distributed.is_main() else distributed.QuietRunLog(args)
+        if distributed.is_main():
+            remove_stale_temps(self.runlog.results_dir)  # partial writes of a killed run
         if self.resumed_from:
             print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}"
                   + threads_note)
@@ -200,7 +205,7 @@ class GanRun:
     def check_finite(self, weights=False):
         """Stop (Diverged) once a loss was NaN or infinite; with `weights`, also when G or D holds a
         non-finite number (a step can break the weights before any loss shows it)."""
-        step = int(self.bad_step)
+        step = distributed.first_bad_step(self.bad_step)  # int(self.bad_step), agreed between ranks
         if step >= 0:
             epoch = (step - 1) // max(1, len(self.train_stream)) + 1
             raise Diverged(f"a loss became NaN or infinite at iteration {step} (epoch {epoch}); stopped "
@@ -234,11 +239,11 @@ class GanRun:
         self.meters.add(metrics)
         if self.iteration % args.print_freq == 0:
             self.check_finite()
-            means = self.meters.pop()  # the one host sync per print
+            means = distributed.mean_over_ranks(self.meters.pop())  # the one host sync per print
             self.runlog.scalars({SCALAR_TAGS.get(k, k): v for k, v in means.items()}, self.iteration)
             self.runlog.log(f"epoch {self.epoch + 1} iter {self.iteration}: "
                             + '  '.join(f'{k} {v:.4f}' for k, v in means.items()))
-        stop = self.stop_requested()
+        stop = distributed.stop_requested(self)  # self.stop_requested(), agreed between ranks
         if stop or (args.save_every and self.iteration % args.save_every == 0):
             self.save(LAST, save_extra() if save_extra else None)
         if stop:
@@ -250,6 +255,7 @@ class GanRun:
         self.order = None
         self.save_samples()
 
+    @distributed.main_rank_only  # under torchrun rank 0 validates, the others get its result
     def validate(self):
         """Validate G with every --eval-model (the validation protocol of the reference). A signal
         stops it at the next classifier epoch; the loop saved last.pth just before, so a resume
@@ -303,6 +309,8 @@ class GanRun:
         """Write results/<tag>/<name> atomically; never a diverged generator."""
         self.check_finite(weights=True)
         path = self.runlog.path(name)
+        if not distributed.is_main():  # under torchrun only rank 0 writes
+            return path
         try:
             save_checkpoint(self.state(extra), path)
         except OSError as e:
@@ -314,6 +322,8 @@ class GanRun:
     @torch.no_grad()
     def save_samples(self):
         """results/<tag>/outputs/img_<epoch>.png: 10 rows of draws, one column per class."""
+        if not distributed.is_main():  # under torchrun only rank 0 writes
+            return
         was_training = self.G.training
         self.G.eval()
         z = self.grid_noise.clone()
