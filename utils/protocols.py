@@ -445,6 +445,10 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
     """
     method = args.baseline or 'dim'
     protocol = args.protocol
+    if method == 'dim' and G is None:
+        raise ValueError("evaluating the generator needs G")
+    if method != 'dim' and protocol != 'fixed':
+        raise ValueError("baselines are trained with the fixed protocol")
     seeds = classifier_seeds(args.seed, args.num_eval)
     set_seed = args.seed if getattr(args, 'set_seed', None) is None else args.set_seed
     start = time.time()
