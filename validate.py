@@ -34,14 +34,14 @@ def get_parser():
     g.add_argument('--protocol', default=None, choices=PROTOCOLS,
                    help="onthefly: fresh generated images every batch (the paper's); fixed: ipc images per "
                         "class drawn once, then trained on with lr x0.1 at half the epochs "
-                        "(default: onthefly, fixed with --baseline)")
+                        "(None: onthefly, or fixed with --baseline)")
     g.add_argument('--num-eval', type=int, default=1,
                    help='classifiers trained per model, seeds --seed + 0..K-1; mean and std reported')
     g.add_argument('--baseline', default=None, choices=BASELINES,
                    help='random: ipc real training images per class; full: the whole training set '
                         '(both trained as --protocol fixed; no generator needed)')
     g.add_argument('--set-seed', type=int, default=None,
-                   help='seed of the fixed-set draw or of the random subset (default: --seed)')
+                   help="seed of the fixed-set draw or of the random subset (None: --seed)")
     g.add_argument('--no-stack', action='store_true',
                    help='train the --num-eval classifiers one after another instead of stacked together')
     return p
