@@ -1,53 +1,100 @@
-"""Stage 3 of DiM: train classifiers only on images the generator draws, test them on the real test set.
+"""Stage 3 of DiM: train classifiers on what the generator makes, test them on the real test set.
 
     python validate.py --tag test --pretrain-weight results/match/model_dict_convnet.pth
+    python validate.py --tag fixed10 --pretrain-weight CKPT --protocol fixed --ipc 10 --num-eval 5
+    python validate.py --tag rand10 --data cifar10 --baseline random --ipc 10 --num-eval 5
 
-Each --eval-model is trained for --epochs-eval epochs of (classes x --ipc) fresh generated images and
-tested every --test-interval epochs; the table gives the final top-1 and, as the paper reports it, the
-best top-1 over those tests (selected on the test set).
+--protocol onthefly (the paper's, default): each --eval-model trains --epochs-eval epochs, each of
+(classes x --ipc) freshly generated images. --protocol fixed: ipc images per class are drawn from the
+generator once and the classifiers train on that fixed set only. --baseline random / full train the
+same way on ipc real images per class / the whole training set. --num-eval K trains K classifiers
+with seeds --seed, --seed + 1, ... and reports mean and std. Results: results/<tag>/eval.json and a
+markdown table; both give the final top-1 and the best top-1 over the periodic tests (selected on the
+test set, as the paper reports it). See docs/EVALUATION.md.
 """
+import os
+
 from models import Generator
 from utils.checkpoint import check_compatible, gan_configs, load_checkpoint, load_state
-from utils.cli import run, stage_parser
+from utils.cli import check_positive, run, stage_parser
 from utils.errors import UserError
-from utils.evaluate import iterations_per_epoch, validate
+from utils.evaluate import iterations_per_epoch
+from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
 from utils.runlog import RunLog
 from utils.runtime import autocast, resolve_amp, seed_everything, select_device, setup_backend
 from utils.stage import resolve_data
+
+REPORT = 'eval.json'
 
 
 def get_parser():
     p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=250, lr=1e-4)
     p.add_argument('--pretrain-weight', default='', help='generator checkpoint (stage 1 or 2)')
+    g = p.add_argument_group('evaluation protocol (docs/EVALUATION.md)')
+    g.add_argument('--protocol', default=None, choices=PROTOCOLS,
+                   help="onthefly: fresh generated images every batch (the paper's); fixed: ipc images per "
+                        "class drawn once, then trained on with lr x0.1 at half the epochs "
+                        "(None: onthefly, or fixed with --baseline)")
+    g.add_argument('--num-eval', type=int, default=1,
+                   help='classifiers trained per model, seeds --seed + 0..K-1; mean and std reported')
+    g.add_argument('--baseline', default=None, choices=BASELINES,
+                   help='random: ipc real training images per class; full: the whole training set '
+                        '(both trained as --protocol fixed; no generator needed)')
+    g.add_argument('--set-seed', type=int, default=None,
+                   help="seed of the fixed-set draw or of the random subset (None: --seed)")
+    g.add_argument('--no-stack', action='store_true',
+                   help='train the --num-eval classifiers one after another instead of stacked together')
     return p
+
+
+def resolve_protocol(args):
+    if args.baseline:
+        if args.protocol == 'onthefly':
+            raise UserError(f"--baseline {args.baseline} trains on a fixed set; it cannot use --protocol onthefly")
+        args.protocol = 'fixed'
+    elif args.protocol is None:
+        args.protocol = 'onthefly'
+    check_positive(args, 'num_eval')
 
 
 def main():
     args = get_parser().parse_args()
-    if not args.pretrain_weight:
-        raise UserError("validate.py needs --pretrain-weight CHECKPOINT")
-    ckpt = load_checkpoint(args.pretrain_weight)
+    resolve_protocol(args)
+    if not args.baseline and not args.pretrain_weight:
+        raise UserError("validate.py needs --pretrain-weight CHECKPOINT (or --baseline random/full)")
+    # with a baseline a given checkpoint only supplies the default dataset
+    ckpt = load_checkpoint(args.pretrain_weight) if args.pretrain_weight else None
     device = select_device(args.device)
     setup_backend(device, args.deterministic)
     args.amp = resolve_amp(args.amp, device)
-    info, _, test_split = resolve_data(args, ckpt)
-    check_compatible(ckpt, info, args.pretrain_weight)
-    g_cfg, _ = gan_configs(ckpt, info, args.dim_noise, args.width)
-    G = Generator(**g_cfg).to(device)
-    load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
+    info, train_split, test_split = resolve_data(args, ckpt)
+    G = None
+    if ckpt is not None:
+        check_compatible(ckpt, info, args.pretrain_weight)
+    if not args.baseline:
+        g_cfg, _ = gan_configs(ckpt, info, args.dim_noise, args.width)
+        G = Generator(**g_cfg).to(device)
+        load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
     runlog = RunLog(args)
     seed_everything(args.seed)
-    iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration=False)
-    print(f"validate {args.pretrain_weight} on {info.name}: ipc {args.ipc}, one epoch = {iters} iterations "
-          f"x {args.batch_size} = {iters * args.batch_size} generated images, {args.epochs_eval} epochs, "
-          f"device {device}, amp {args.amp}")
+    what = args.baseline or f'generator {args.pretrain_weight}'
+    if args.protocol == 'onthefly':
+        iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration=False)
+        print(f"validate {what} on {info.name}, protocol onthefly: ipc {args.ipc}, one epoch = {iters} "
+              f"iterations x {args.batch_size} = {iters * args.batch_size} generated images, "
+              f"{args.epochs_eval} epochs, {args.num_eval} seed(s), device {device}, amp {args.amp}")
+    else:
+        size = 'all' if args.baseline == 'full' else args.ipc
+        print(f"validate {what} on {info.name}, protocol fixed: ipc {size}, {args.epochs_eval} epochs, "
+              f"{args.num_eval} seed(s), device {device}, amp {args.amp}")
     try:
-        results = validate(G, info, test_split, args, device, autocast(args.amp, device), runlog, step=0,
-                           extra_iteration=False)
-        print(f"\n| eval model | top-1 (final) | top-1 (best, selected on test) | top-5 (final) |")
-        print("|---|---|---|---|")
-        for name, r in results.items():
-            print(f"| {name} | {r['top1']:.2f} | {r['best_top1']:.2f} | {r['top5']:.2f} |")
+        report = run_evaluation(args, info, train_split, test_split, device, autocast(args.amp, device), G=G,
+                                checkpoint=args.pretrain_weight or None, runlog=runlog)
+        path = runlog.path(REPORT)
+        write_json(report, path)
+        print('\n' + markdown_table(report))
+        print(f"\n(final: after the last epoch; best: the highest of the periodic tests, selected on the "
+              f"test set; ± population std over seeds {report['seeds']})\nwrote {os.path.normpath(path)}")
     finally:
         runlog.close()
 

@@ -1,0 +1,129 @@
+"""Write a fixed distilled set drawn from a DiM generator, for other benchmarks to load.
+
+    python misc/export.py --pretrain-weight results/match/model_dict_convnet.pth --ipc 10 [--out DIR] [--seed S] [--png]
+
+DIR (default results/export/<dataset>_ipc<N>_seed<S>) receives
+  images.pt  float32 [N * classes, C, H, W], class-major (all of class 0, then class 1, ...),
+             normalised with the dataset statistics: (x - mean) / std with x in [0, 1]
+  labels.pt  int64 [N * classes]
+  meta.json  dataset, mean, std, ipc, seed, shapes, generator checkpoint path and sha256
+  png/<class>/<index>.png  with --png: the same images de-normalised to [0, 1], one folder per class
+The images are exactly those `validate.py --protocol fixed --set-seed S` trains on (one drawing
+function, utils.protocols.draw_fixed_set). See docs/EVALUATION.md.
+"""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # runnable as `python misc/export.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict, load_dataset  # noqa: E402
+from models import Generator  # noqa: E402
+from utils.checkpoint import gan_configs, is_official, load_checkpoint, load_state  # noqa: E402
+from utils.cli import OneLineParser, run  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.protocols import draw_fixed_set, file_sha256, write_json  # noqa: E402
+from utils.runtime import select_device  # noqa: E402
+
+EXPORT_FORMAT = 'dim-export/1'
+
+
+def get_parser():
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument('--pretrain-weight', required=True, help='generator checkpoint (stage 1 or 2)')
+    p.add_argument('--ipc', type=int, required=True, help='images per class')
+    p.add_argument('--out', default=None, help='output folder (default: results/export/<dataset>_ipc<N>_seed<S>)')
+    p.add_argument('--seed', type=int, default=3407, help='seed of the noise (validate.py --set-seed)')
+    p.add_argument('--png', action='store_true', help='also write png/<class>/<index>.png')
+    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    g = p.add_argument_group('only for checkpoints in the official format (they do not record these)')
+    g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}')
+    g.add_argument('--data-dir', default='./data', help='dataset root (imagefolder: to compute its statistics)')
+    g.add_argument('--img-size', type=int, default=32, choices=(28, 32), help='image size for imagefolder')
+    g.add_argument('--dim-noise', type=int, default=100)
+    g.add_argument('--width', type=int, default=196)
+    return p
+
+
+def dataset_info(args, ckpt):
+    """The dataset facts: from the checkpoint, else from --data (official checkpoints store none)."""
+    if not is_official(ckpt):
+        info = info_from_dict(ckpt['dataset'])
+        if args.data and args.data != info.name:
+            raise UserError(f"{args.pretrain_weight} was trained on {info.name}, not --data {args.data}")
+        return info
+    if not args.data:
+        raise UserError(f"{args.pretrain_weight} is an official-format checkpoint: give --data")
+    if args.data == IMAGEFOLDER:
+        return load_dataset(IMAGEFOLDER, args.data_dir, args.img_size)[0]
+    if args.data not in DATASETS:
+        raise UserError(f"unknown dataset '{args.data}'; choose from: {', '.join(DATASET_CHOICES)}")
+    return DATASETS[args.data]
+
+
+def export(G, info, ipc, seed, out, device, checkpoint, png=False):
+    """Draw the set and write images.pt, labels.pt, meta.json (and png/). Returns (images, labels)."""
+    images, labels = draw_fixed_set(G, info, ipc, seed, device)
+    images, labels = images.cpu().contiguous(), labels.cpu().long()
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror}") from None
+    torch.save(images, os.path.join(out, 'images.pt'))
+    torch.save(labels, os.path.join(out, 'labels.pt'))
+    if png:
+        import torchvision
+
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        pixels = (images * std + mean).clamp(0, 1)
+        width = len(str(info.num_classes - 1))
+        for c in range(info.num_classes):
+            folder = os.path.join(out, 'png', str(c).zfill(width))  # sorted names = class order
+            os.makedirs(folder, exist_ok=True)
+            for i, img in enumerate(pixels[labels == c]):
+                torchvision.utils.save_image(img, os.path.join(folder, f'{i:05d}.png'))
+    write_json({
+        'format': EXPORT_FORMAT,
+        'dataset': info.name,
+        'num_classes': info.num_classes,
+        'channels': info.channels,
+        'img_size': info.img_size,
+        'mean': list(info.mean),
+        'std': list(info.std),
+        'normalised': 'images.pt holds (x - mean) / std per channel, x in [0, 1]',
+        'order': 'class-major: rows [c * ipc, (c + 1) * ipc) are class c',
+        'ipc': ipc,
+        'seed': seed,
+        'images_shape': list(images.shape),
+        'generator_checkpoint': os.path.abspath(checkpoint),
+        'generator_sha256': file_sha256(checkpoint),
+        'png': png,
+    }, os.path.join(out, 'meta.json'))
+    return images, labels
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.ipc < 1:
+        raise UserError(f"--ipc must be at least 1, got {args.ipc}")
+    ckpt = load_checkpoint(args.pretrain_weight)
+    info = dataset_info(args, ckpt)
+    if args.dim_noise < info.num_classes:
+        raise UserError(f"--dim-noise {args.dim_noise} is smaller than the {info.num_classes} classes")
+    device = select_device(args.device)
+    g_cfg, _ = gan_configs(ckpt, info, args.dim_noise, args.width)
+    G = Generator(**g_cfg).to(device)
+    load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
+    out = args.out or os.path.join('results', 'export', f'{info.name}_ipc{args.ipc}_seed{args.seed}')
+    images, _ = export(G, info, args.ipc, args.seed, out, device, args.pretrain_weight, args.png)
+    print(f"wrote {len(images)} images ({args.ipc} per class, {info.name}) to {out}: images.pt, labels.pt, "
+          f"meta.json{', png/' if args.png else ''}")
+
+
+if __name__ == '__main__':
+    run(main)

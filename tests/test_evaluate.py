@@ -1,0 +1,223 @@
+"""Evaluation protocols on sklearn digits (CPU, tiny): fixed set, stacked seeds, baselines, eval.json."""
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import validate
+from data.datasets import Split, load_dataset
+from models import Discriminator, Generator
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+from utils.evaluate import train_on_generator
+from utils.protocols import (TrainSet, classifier_seeds, draw_fixed_set, markdown_table, random_subset_indices,
+                             run_evaluation, train_fixed, train_onthefly)
+from utils.runtime import seed_everything
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device('cpu')
+NOCTX = torch.autocast('cpu', enabled=False)
+REPORT_KEYS = {'format', 'protocol', 'method', 'dataset', 'num_classes', 'ipc', 'train_images', 'architectures',
+               'num_eval', 'seeds', 'set_seed', 'generator_checkpoint', 'generator_sha256', 'recipe',
+               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds'}
+ROW_KEYS = {'architecture', 'seeds', 'stacked', 'wall_seconds', 'test_curves'} | {
+    f'{k}{s}' for k in ('top1', 'best_top1', 'top5', 'best_top5') for s in ('', '_mean', '_std')}
+
+
+@pytest.fixture(scope='module')
+def digits():
+    info, train, test = load_dataset('digits')
+    # 30 test images keep the in-process tests fast; the subprocess test uses all 360
+    return info, train, Split(test.images[:30], test.labels[:30])
+
+
+@pytest.fixture(scope='module')
+def gen_ckpt(tmp_path_factory, digits):
+    """A tiny, untrained generator saved as a stage-1 checkpoint of this repository."""
+    info = digits[0]
+    torch.manual_seed(0)
+    G = Generator(info.num_classes, info.channels, info.img_size, dim_noise=32, width=16)
+    D = Discriminator(info.num_classes, info.channels, info.img_size, width=16)
+    path = str(tmp_path_factory.mktemp('gen') / 'gen.pth')
+    save_checkpoint({'generator': G.state_dict(), 'discriminator': D.state_dict(), 'stage': 'gen_condense',
+                     'dataset': info.to_dict(), 'generator_config': G.config,
+                     'discriminator_config': D.config, 'args': {}}, path)
+    return path, G
+
+
+def make_args(**kw):
+    base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, no_stack=False, ipc=1,
+                epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
+                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off')
+    base.update(kw)
+    return Namespace(**base)
+
+
+@contextmanager
+def count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_draw_fixed_set_balanced_seeded_eval_mode(digits, gen_ckpt):
+    info, G = digits[0], gen_ckpt[1]
+    G.train()
+    with count_calls(G) as calls:
+        images, labels = draw_fixed_set(G, info, 3, seed=1, device=CPU)
+    assert len(calls) == 1 and G.training  # one pass for 30 images; G's mode restored
+    assert images.shape == (30, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    again, _ = draw_fixed_set(G, info, 3, seed=1, device=CPU)
+    other, _ = draw_fixed_set(G, info, 3, seed=2, device=CPU)
+    assert torch.equal(images, again) and not torch.allclose(images, other)
+    # eval mode: an image does not depend on what else is in the pass
+    assert torch.allclose(draw_fixed_set(G, info, 1, seed=1, device=CPU, chunk=4)[0],
+                          draw_fixed_set(G, info, 1, seed=1, device=CPU)[0], atol=1e-6)
+
+
+def test_fixed_protocol_calls_generator_once(digits, gen_ckpt):
+    info, train, test = digits
+    G = gen_ckpt[1]
+    with count_calls(G) as calls:
+        report = run_evaluation(make_args(num_eval=2, epochs_eval=1, ipc=2), info, train, test, CPU, NOCTX,
+                                G=G, checkpoint=gen_ckpt[0])
+    assert len(calls) == 1  # drawn once; the two classifiers x two epochs only read the fixed set
+    assert report['train_images'] == 20 and report['method'] == 'dim' and report['set_seed'] == 7
+    assert report['seeds'] == [7, 8] and report['rows'][0]['stacked']
+
+
+def assert_same_runs(a, b, rtol, atol, num_test):
+    assert [r['seed'] for r in a] == [r['seed'] for r in b]
+    for s, r in zip(a, b):
+        assert s['state_dict'].keys() == r['state_dict'].keys()
+        for name, value in r['state_dict'].items():
+            torch.testing.assert_close(s['state_dict'][name], value, rtol=rtol, atol=atol, msg=name)
+        for key in ('top1', 'top5', 'best_top1', 'best_top5'):
+            assert abs(s[key] - r[key]) <= 100 / num_test + 1e-9  # at most one test image flips
+
+
+def test_stacked_equals_separate_runs(digits, gen_ckpt):
+    """ConvNet (instance norm), float32: K=2 stacked == the two seeds trained one after another."""
+    info, train, test = digits
+    train_set = TrainSet(*draw_fixed_set(gen_ckpt[1], info, 1, seed=0, device=CPU), info, CPU)
+    # 10 images, batch 4: three steps per epoch, the last one short; CutMix on about half of the steps;
+    # two epochs, so the second runs at lr / 10
+    args = make_args(epochs_eval=2, batch_size=4, mix_p=0.5, test_interval=2)
+    seeds = classifier_seeds(5, 2)
+    stacked, was_stacked = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, seeds, stack=True)
+    separate, was_separate = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, seeds, stack=False)
+    assert was_stacked and not was_separate
+    assert_same_runs(stacked, separate, rtol=1e-4, atol=1e-5, num_test=len(test))
+    # a seed's run does not depend on the other seeds trained with it
+    alone, _ = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, [seeds[1]], stack=False)
+    for name, value in alone[0]['state_dict'].items():
+        assert torch.equal(value, separate[1]['state_dict'][name]), name
+    # and different seeds give different classifiers
+    w = [r['state_dict']['fc.weight'] for r in separate]
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_stacked_equals_separate_runs_batchnorm(digits, gen_ckpt):
+    """ResNet-10 (BatchNorm: running statistics are stacked buffers, updated per model), in float64:
+    a BN ResNet on 2- to 4-image batches turns float32 rounding into percent-level drift within a few
+    steps, so exactness is shown where rounding is negligible."""
+    info, train, test = digits
+    images, labels = draw_fixed_set(gen_ckpt[1], info, 1, seed=0, device=CPU)
+    train_set = TrainSet(images.double(), labels, info, CPU)
+    args = make_args(epochs_eval=1, batch_size=4, mix_p=0.5)
+    seeds = classifier_seeds(5, 2)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        stacked, was_stacked = train_fixed('resnet10', train_set, info, test, args, CPU, NOCTX, seeds, stack=True)
+        separate, _ = train_fixed('resnet10', train_set, info, test, args, CPU, NOCTX, seeds, stack=False)
+    finally:
+        torch.set_default_dtype(default)
+    assert was_stacked and stacked[0]['state_dict']['fc.weight'].dtype == torch.float64
+    assert_same_runs(stacked, separate, rtol=1e-9, atol=1e-10, num_test=len(test))
+    bn = 'stem.2.running_mean'
+    assert stacked[0]['state_dict'][bn].abs().sum() > 0  # running statistics did update
+    assert int(stacked[1]['state_dict']['stem.2.num_batches_tracked']) == 3
+
+
+def test_random_subset_ipc_per_class_and_seeded(digits):
+    train = digits[1]
+    idx = random_subset_indices(train.labels, 10, 5, seed=1)
+    labels = train.labels[idx]
+    assert labels.tolist() == [c for c in range(10) for _ in range(5)]
+    assert len(set(idx.tolist())) == 50
+    assert torch.equal(idx, random_subset_indices(train.labels, 10, 5, seed=1))
+    assert not torch.equal(idx, random_subset_indices(train.labels, 10, 5, seed=2))
+    with pytest.raises(UserError, match='fewer than --ipc'):
+        random_subset_indices(train.labels, 10, 10_000, seed=1)
+
+
+def test_baselines_random_and_full(digits):
+    info, train, test = digits
+    small = Split(train.images[:20], train.labels[:20])  # "full" = every image of the split it is given
+    rand = run_evaluation(make_args(baseline='random', ipc=1, epochs_eval=1, num_eval=2), info, train, test,
+                          CPU, NOCTX)
+    full = run_evaluation(make_args(baseline='full', epochs_eval=1, batch_size=20), info, small, test, CPU, NOCTX)
+    assert rand['method'] == 'random' and rand['train_images'] == 10 and rand['ipc'] == 1
+    assert rand['generator_checkpoint'] is None and rand['set_seed'] == 7
+    assert full['method'] == 'full' and full['train_images'] == 20 and full['ipc'] is None
+    for report in (rand, full):
+        assert set(report) == REPORT_KEYS and set(report['rows'][0]) == ROW_KEYS
+        assert report['protocol'] == 'fixed'
+    assert '| random | fixed | digits | 1 | convnet | 2 |' in markdown_table(rand)
+    assert '| full | fixed | digits | all | convnet | 1 |' in markdown_table(full)
+
+
+def test_onthefly_single_seed_is_the_former_validation(digits, gen_ckpt):
+    """--protocol onthefly --num-eval 1 is exactly seed_everything(seed) + train_on_generator."""
+    info, _, test = digits
+    G = gen_ckpt[1]
+    args = make_args(protocol='onthefly', epochs_eval=1, batch_size=10, ipc=1, mixup_net='none')
+    new = train_onthefly(G, 'convnet', info, test, args, CPU, NOCTX, classifier_seeds(args.seed, 1))[0]
+    seed_everything(args.seed)
+    old = train_on_generator(G, 'convnet', info, test, args, CPU, NOCTX, extra_iteration=False)
+    assert new['seed'] == args.seed
+    assert (new['top1'], new['best_top1'], new['top5']) == (old['top1'], old['best_top1'], old['top5'])
+
+
+def test_validate_flag_errors(monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['validate.py', '--baseline', 'random', '--protocol', 'onthefly'])
+    with pytest.raises(UserError, match='cannot use --protocol onthefly'):
+        validate.main()
+    monkeypatch.setattr(sys, 'argv', ['validate.py', '--protocol', 'fixed'])
+    with pytest.raises(UserError, match='needs --pretrain-weight'):
+        validate.main()
+    monkeypatch.setattr(sys, 'argv', ['validate.py', '--baseline', 'full', '--num-eval', '0'])
+    with pytest.raises(UserError, match='--num-eval must be at least 1'):
+        validate.main()
+
+
+def test_validate_end_to_end_fixed_two_seeds(gen_ckpt, tmp_path):
+    cmd = [sys.executable, 'validate.py', '--pretrain-weight', gen_ckpt[0], '--protocol', 'fixed', '--num-eval', '2',
+           '--ipc', '1', '--epochs-eval', '1', '--batch-size', '10', '--tag', 'e2e', '--no-progress',
+           '--output-dir', str(tmp_path / 'results'), '--logs-dir', str(tmp_path / 'logs')]
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'selected on test' in proc.stdout and '| dim | fixed | digits | 1 | convnet | 2 |' in proc.stdout
+    with open(tmp_path / 'results' / 'e2e' / 'eval.json') as f:
+        report = json.load(f)
+    assert set(report) == REPORT_KEYS and set(report['rows'][0]) == ROW_KEYS
+    assert report['protocol'] == 'fixed' and report['method'] == 'dim' and report['dataset'] == 'digits'
+    assert report['ipc'] == 1 and report['num_eval'] == 2 and report['seeds'] == [3407, 3408]
+    assert report['generator_checkpoint'] == os.path.abspath(gen_ckpt[0])
+    assert len(report['generator_sha256']) == 64
+    row = report['rows'][0]
+    assert row['architecture'] == 'convnet' and len(row['top1']) == 2 and len(row['best_top1']) == 2
+    assert row['top1_mean'] == pytest.approx(sum(row['top1']) / 2)
+    assert all(b >= t for b, t in zip(row['best_top1'], row['top1']))

@@ -1,0 +1,100 @@
+"""misc/export.py: the fixed distilled set other benchmarks load (images.pt, labels.pt, meta.json, png/)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.datasets import DATASETS
+from models import Discriminator, Generator
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+from utils.protocols import draw_fixed_set, file_sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+INFO = DATASETS['digits']
+
+
+def load_export_module():
+    spec = importlib.util.spec_from_file_location('dim_export', ROOT / 'misc' / 'export.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def gen_ckpt(tmp_path_factory):
+    """A tiny, untrained digits generator saved as a stage-1 checkpoint of this repository."""
+    torch.manual_seed(1)
+    G = Generator(INFO.num_classes, INFO.channels, INFO.img_size, dim_noise=32, width=16)
+    D = Discriminator(INFO.num_classes, INFO.channels, INFO.img_size, width=16)
+    path = str(tmp_path_factory.mktemp('gen') / 'gen.pth')
+    save_checkpoint({'generator': G.state_dict(), 'discriminator': D.state_dict(), 'stage': 'gen_condense',
+                     'dataset': INFO.to_dict(), 'generator_config': G.config,
+                     'discriminator_config': D.config, 'args': {}}, path)
+    return path, G
+
+
+def test_export_round_trip(gen_ckpt, tmp_path):
+    path, G = gen_ckpt
+    out = tmp_path / 'set'
+    cmd = [sys.executable, str(ROOT / 'misc' / 'export.py'), '--pretrain-weight', path, '--ipc', '3',
+           '--out', str(out), '--seed', '11', '--png', '--device', 'cpu']
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # the script finds the repository itself
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    images, labels = torch.load(out / 'images.pt'), torch.load(out / 'labels.pt')
+    assert images.dtype == torch.float32 and images.shape == (30, 1, 28, 28)
+    assert labels.dtype == torch.int64 and labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # the very set validate.py --protocol fixed --set-seed 11 trains on
+    expected, _ = draw_fixed_set(G, INFO, 3, seed=11, device=torch.device('cpu'))
+    torch.testing.assert_close(images, expected)
+
+    with open(out / 'meta.json') as f:
+        meta = json.load(f)
+    assert meta['dataset'] == 'digits' and meta['ipc'] == 3 and meta['seed'] == 11
+    assert meta['mean'] == list(INFO.mean) and meta['std'] == list(INFO.std)
+    assert meta['images_shape'] == [30, 1, 28, 28] and meta['num_classes'] == 10
+    assert meta['generator_sha256'] == file_sha256(path)
+    assert meta['generator_checkpoint'] == os.path.abspath(path)
+
+    # the statistics undo the normalisation: pixels in [0, 1]
+    mean = torch.tensor(meta['mean']).view(1, -1, 1, 1)
+    std = torch.tensor(meta['std']).view(1, -1, 1, 1)
+    pixels = images * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert pixels.std() > 0
+
+    # png/<class>/: one folder per class, in class order, ipc images each, the same pixels (8 bit)
+    folders = sorted(os.listdir(out / 'png'))
+    assert folders == [str(c) for c in range(10)]
+    for c, folder in enumerate(folders):
+        files = sorted(os.listdir(out / 'png' / folder))
+        assert len(files) == 3
+        with Image.open(out / 'png' / folder / files[0]) as img:
+            first = torch.from_numpy(np.array(img.convert('L'))).float() / 255
+        assert (first - pixels[3 * c, 0]).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_export_errors_are_user_errors(gen_ckpt, tmp_path):
+    export = load_export_module()
+    with pytest.raises(UserError, match='checkpoint not found'):
+        export.main(['--pretrain-weight', str(tmp_path / 'missing.pth'), '--ipc', '1'])
+    with pytest.raises(UserError, match='--ipc must be at least 1'):
+        export.main(['--pretrain-weight', gen_ckpt[0], '--ipc', '0'])
+    with pytest.raises(UserError, match='trained on digits, not --data mnist'):
+        export.main(['--pretrain-weight', gen_ckpt[0], '--ipc', '1', '--data', 'mnist'])
+
+
+def test_export_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'misc' / 'export.py'), '--pretrain-weight',
+                           str(tmp_path / 'missing.pth'), '--ipc', '1'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith('error: checkpoint not found')

@@ -1,0 +1,509 @@
+"""Evaluation protocols shared by validate.py and misc/export.py (see docs/EVALUATION.md).
+
+- `onthefly`: DiM's own protocol (utils.evaluate.train_on_generator): fresh generated images every
+  batch.
+- `fixed`: ipc images per class drawn from the generator ONCE (`draw_fixed_set`), then classifiers
+  are trained on that fixed set only with the recipe of the dataset-distillation literature.
+- baselines `random` (ipc real images per class, `random_subset_indices`) and `full` (the whole
+  training set) go through the same fixed-set trainer.
+
+K classifiers of one architecture, each reproducible from its own seed (seed_k = seed + k), are
+trained together: their parameters are stacked (`torch.func.stack_module_state`) and one vmapped
+`functional_call` runs all K per step, while every random draw of model k (initialisation, data
+order, augmentation, CutMix) comes from model k's own saved RNG state (`RngSlots`). The result equals
+K separate runs up to float rounding (tests/test_evaluate.py checks it).
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.datasets import test_batches, to_classifier_input
+from utils.augment import cutmix, make_augment, normalize
+from utils.errors import UserError
+from utils.evaluate import build_classifier, train_on_generator
+from utils.runtime import seed_everything
+
+PROTOCOLS = ('onthefly', 'fixed')
+BASELINES = ('random', 'full')
+REPORT_FORMAT = 'dim-eval/1'
+DRAW_CHUNK = 1000  # images per generator forward pass when drawing a fixed set
+ON_DEVICE_MAX_BYTES = 4 * 2**30  # training sets up to this size live on the training device
+
+
+def classifier_seeds(seed, num_eval):
+    """Seeds of the K classifier trainings: seed, seed + 1, ..., seed + K - 1."""
+    return [seed + k for k in range(num_eval)]
+
+
+def file_sha256(path, block=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(block), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# the training sets: a fixed draw from G, a random real subset, the full training set
+
+@torch.no_grad()
+def draw_fixed_set(G, info, ipc, seed, device, chunk=DRAW_CHUNK):
+    """ipc images per class from G, class-major (all of class 0, then class 1, ...).
+
+    G runs in eval mode (BatchNorm running statistics, so every image is independent of the others
+    in its pass) and in float32. The noise comes from a CPU generator seeded with `seed`: N(0, I) with
+    the one-hot class in its first entries (as `models.conditional_noise`), so the same seed gives the
+    same noise on any device and the global RNG is not touched. G is called once per `chunk` images.
+    Returns (images, labels) on `device`: images float32 in [0, 1] normalised with the dataset
+    statistics, labels int64.
+    """
+    if ipc < 1:
+        raise UserError(f"--ipc must be at least 1, got {ipc}")
+    labels = torch.arange(info.num_classes).repeat_interleave(ipc)
+    z = torch.randn(len(labels), G.dim_noise, generator=torch.Generator().manual_seed(seed))
+    z[:, :info.num_classes] = F.one_hot(labels, info.num_classes).float()
+    was_training = G.training
+    G.eval()
+    try:
+        parts = [G(part.to(device)).float() for part in z.split(chunk)]
+    finally:
+        G.train(was_training)
+    images = (torch.cat(parts) + 1) / 2
+    return normalize(images, info.mean, info.std).contiguous(), labels.to(device)
+
+
+def random_subset_indices(labels, num_classes, ipc, seed):
+    """Indices of ipc images per class, class-major, chosen with a CPU generator seeded `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        if len(members) < ipc:
+            raise UserError(f"--baseline random: class {c} has only {len(members)} training images, "
+                            f"fewer than --ipc {ipc}")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:ipc]])
+    return torch.cat(chosen)
+
+
+class TrainSet:
+    """The images a fixed-set classifier trains on: float32 already normalised (a generated set), or
+    uint8 pixels (real data) normalised per batch exactly as the test images are."""
+
+    def __init__(self, images, labels, info, device):
+        self.info, self.device = info, device
+        self.uint8 = images.dtype == torch.uint8
+        where = device if images.numel() * images.element_size() <= ON_DEVICE_MAX_BYTES else torch.device('cpu')
+        self.images, self.labels = images.to(where), labels.to(where)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx):
+        idx = idx.to(self.images.device)
+        images = self.images[idx].to(self.device, non_blocking=True)
+        labels = self.labels[idx].to(self.device, non_blocking=True)
+        return (to_classifier_input(images, self.info) if self.uint8 else images), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# K independently seeded trainings, interleaved step by step
+
+class RngSlots:
+    """One saved copy of the global RNGs (torch CPU, the CUDA device's, numpy, python) per training.
+
+    `use(k)` installs training k's state and saves it back on exit, so trainings interleaved step by
+    step draw exactly the numbers they would draw alone after `seed_everything(seed_k)`. `close()`
+    puts back the state found at construction.
+    """
+
+    def __init__(self, seeds, device):
+        self.cuda = device.type == 'cuda'
+        self.device = device
+        self.outer = self._get()
+        self.states = []
+        for seed in seeds:
+            seed_everything(seed)
+            self.states.append(self._get())
+        self._set(self.outer)
+
+    def _get(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None,
+                np.random.get_state(), random.getstate())
+
+    def _set(self, state):
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1], self.device)
+        np.random.set_state(state[2])
+        random.setstate(state[3])
+
+    @contextmanager
+    def use(self, k):
+        self._set(self.states[k])
+        try:
+            yield
+        finally:
+            self.states[k] = self._get()
+
+    def close(self):
+        self._set(self.outer)
+
+
+class ClassifierGroup:
+    """K classifiers of one architecture seen as one: `forward(x [K, B, ...]) -> [K, B, classes]`.
+
+    stacked=True: parameters and buffers stacked along a new first dimension; one vmapped
+    functional_call runs all K. BatchNorm needs no patching: its running statistics are stacked
+    buffers too, vmapped along the same dimension, so each model's in-place running-stat update
+    writes its own slice (exactly what a lone BatchNorm does). stacked=False: a single plain module
+    (K = 1), the reference implementation the stacked one is tested against.
+    """
+
+    def __init__(self, models, stacked):
+        self.stacked = stacked
+        if stacked:
+            params, buffers = torch.func.stack_module_state(models)
+            self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            self.buffers = buffers
+            self.base = copy.deepcopy(models[0]).to('meta')  # structure only; tensors come from the stacks
+
+            def call(p, b, x):
+                return torch.func.functional_call(self.base, (p, b), (x,))
+            self._train_fn = torch.func.vmap(call, in_dims=(0, 0, 0))
+            self._test_fn = torch.func.vmap(call, in_dims=(0, 0, None))
+        else:
+            if len(models) != 1:
+                raise ValueError("an unstacked group holds one model")
+            self.model = models[0]
+
+    def __len__(self):
+        return len(next(iter(self.params.values()))) if self.stacked else 1
+
+    @property
+    def dtype(self):
+        return self.parameters()[0].dtype
+
+    def parameters(self):
+        return list(self.params.values()) if self.stacked else list(self.model.parameters())
+
+    def train(self, mode=True):
+        (self.base if self.stacked else self.model).train(mode)
+
+    def forward(self, x):
+        """x: [K, B, C, H, W], one batch per model."""
+        if self.stacked:
+            return self._train_fn(self.params, self.buffers, x)
+        return self.model(x[0]).unsqueeze(0)
+
+    def forward_shared(self, x):
+        """x: [B, C, H, W], the same batch for every model (testing)."""
+        if self.stacked:
+            return self._test_fn(self.params, self.buffers, x)
+        return self.model(x).unsqueeze(0)
+
+    def state_dicts(self):
+        """Per-model state dicts (detached; views into the stacks when stacked)."""
+        if not self.stacked:
+            return [{k: v.detach() for k, v in self.model.state_dict().items()}]
+        return [{**{n: p[k].detach() for n, p in self.params.items()},
+                 **{n: b[k] for n, b in self.buffers.items()}} for k in range(len(self))]
+
+
+def can_stack(model_name, info, device, ctx):
+    """Whether vmap runs this architecture (forward and backward, train and eval mode); probed on
+    zeros with throw-away copies, so no RNG state or real model changes. Returns (ok, reason)."""
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            models = [build_classifier(model_name, info, device) for _ in range(2)]
+        group = ClassifierGroup(models, stacked=True)
+        x = torch.zeros(2, 2, info.channels, info.img_size, info.img_size, device=device)
+        with ctx:
+            out = group.forward(x)
+        out.float().sum().backward()
+        group.train(False)
+        with torch.no_grad(), ctx:
+            group.forward_shared(x[0])
+        return True, ''
+    except Exception as e:  # vmap lacks a batching rule, or similar: train the K models one by one
+        return False, f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+
+
+def group_loss(logits, labels_a, labels_b, lam):
+    """Sum over models of each model's mean (CutMix-weighted) cross-entropy. logits [K, B, classes],
+    labels [K, B], lam [K] (1 where no CutMix). A model's gradient is that of its own loss."""
+    K, B = labels_a.shape
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)  # fp32 at least
+    ce_a = F.cross_entropy(flat, labels_a.flatten(), reduction='none').view(K, B).mean(1)
+    ce_b = F.cross_entropy(flat, labels_b.flatten(), reduction='none').view(K, B).mean(1)
+    return (lam * ce_a + (1 - lam) * ce_b).sum()
+
+
+@torch.no_grad()
+def group_test(group, test_split, info, device, ctx):
+    """Top-1 and top-5 (%) of every model on the real test set: two lists of K floats."""
+    group.train(False)
+    K = len(group)
+    k5 = min(5, info.num_classes)
+    c1 = torch.zeros(K, device=device)
+    c5 = torch.zeros(K, device=device)
+    for images, labels in test_batches(test_split, device):
+        with ctx:
+            logits = group.forward_shared(to_classifier_input(images, info).to(group.dtype))
+        top = logits.float().topk(k5, dim=2).indices                     # [K, B, k5]
+        hits = top == labels[None, :, None]
+        c1 += hits[..., 0].sum(1)
+        c5 += hits.any(dim=2).sum(1)
+    group.train(True)
+    n = len(test_split)
+    return (100.0 * c1 / n).tolist(), (100.0 * c5 / n).tolist()
+
+
+def lr_at(epoch, epochs, lr):
+    """The fixed-set schedule: `lr` for the first ceil(epochs / 2) epochs, lr / 10 after."""
+    return lr if epoch < (epochs + 1) // 2 else lr * 0.1
+
+
+def train_fixed(model_name, train_set, info, test_split, args, device, ctx, seeds, stack=True,
+                runlog=None, desc=None):
+    """Train one classifier per seed on the fixed `train_set` and test it on the real test set.
+
+    Recipe: SGD (--eval-lr, momentum 0.9, weight decay 5e-4), lr x0.1 after the first half of
+    --epochs-eval epochs; each epoch shuffles the set and walks it in minibatches of --batch-size
+    (the last one may be smaller); DSA augmentation per sample (--aug-type, without cutout when
+    --mixup-net cut) and CutMix with probability --mix-p. Tests every --test-interval epochs and after
+    the last. Returns one result per seed (in order) and whether the trainings ran stacked.
+    """
+    stacked = stack and len(seeds) > 1
+    if stacked:
+        stacked, why = can_stack(model_name, info, device, ctx)
+        if not stacked:
+            print(f"  [{model_name}] cannot train the {len(seeds)} seeds stacked ({why}); one after another")
+    groups = [seeds] if stacked else [[s] for s in seeds]
+    results = []
+    for group_seeds in groups:
+        results += _train_group(model_name, train_set, info, test_split, args, device, ctx, group_seeds,
+                                stacked, runlog, desc)
+    return results, stacked
+
+
+def _train_group(model_name, train_set, info, test_split, args, device, ctx, seeds, stacked, runlog, desc):
+    K, n, B = len(seeds), len(train_set), args.batch_size
+    epochs = args.epochs_eval
+    slots = RngSlots(seeds, device)
+    try:
+        models = []
+        for k in range(K):
+            with slots.use(k):  # initialised on the CPU from seed_k, as a lone run would
+                models.append(build_classifier(model_name, info, device))
+        group = ClassifierGroup(models, stacked)
+        opt = torch.optim.SGD(group.parameters(), lr=args.eval_lr, momentum=0.9, weight_decay=5e-4)
+        scaler = torch.amp.GradScaler(device.type) if getattr(args, 'amp', 'off') == 'fp16' else None
+        augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+        use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
+        steps = math.ceil(n / B)
+        curves = [[] for _ in range(K)]
+        final1 = final5 = best1 = best5 = [0.0] * K
+        bar = range(epochs)
+        if runlog is not None:
+            bar = runlog.progress(bar, desc=desc or f'{model_name} x{K}')
+        group.train(True)
+        for epoch in bar:
+            for g in opt.param_groups:
+                g['lr'] = lr_at(epoch, epochs, args.eval_lr)
+            orders = []
+            for k in range(K):
+                with slots.use(k):
+                    orders.append(torch.randperm(n))
+            for step in range(steps):
+                xs, ya, yb, lam = [], [], [], []
+                for k in range(K):
+                    with slots.use(k):
+                        x, y = train_set.batch(orders[k][step * B:(step + 1) * B])
+                        x = augment(x)
+                        if use_cutmix and np.random.rand() < args.mix_p:
+                            x, y_a, y_b, lam_k = cutmix(x, y, args.beta)
+                        else:
+                            y_a, y_b, lam_k = y, y, 1.0
+                    xs.append(x)
+                    ya.append(y_a)
+                    yb.append(y_b)
+                    lam.append(lam_k)
+                lam = torch.tensor(lam, device=device)
+                with ctx:
+                    logits = group.forward(torch.stack(xs))
+                loss = group_loss(logits, torch.stack(ya), torch.stack(yb), lam)
+                opt.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+            if (epoch + 1) % args.test_interval == 0 or epoch + 1 == epochs:
+                final1, final5 = group_test(group, test_split, info, device, ctx)
+                best1 = [max(a, b) for a, b in zip(best1, final1)]
+                best5 = [max(a, b) for a, b in zip(best5, final5)]
+                for k in range(K):
+                    curves[k].append([epoch + 1, final1[k]])
+                if hasattr(bar, 'set_postfix'):
+                    bar.set_postfix(top1=f'{np.mean(final1):.2f}')
+        states = group.state_dicts()
+    finally:
+        slots.close()
+    return [{'seed': seeds[k], 'top1': final1[k], 'top5': final5[k], 'best_top1': best1[k],
+             'best_top5': best5[k], 'test_curve': curves[k], 'state_dict': states[k]} for k in range(K)]
+
+
+def train_onthefly(G, model_name, info, test_split, args, device, ctx, seeds, runlog=None):
+    """DiM's protocol once per seed: seed_everything(seed_k), then utils.evaluate.train_on_generator
+    unchanged (with K = 1 and the default seed this is exactly the former validate.py)."""
+    results = []
+    for seed in seeds:
+        seed_everything(seed)
+        r = train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration=False,
+                               runlog=runlog)
+        results.append({'seed': seed, 'top1': r['top1'], 'top5': r['top5'], 'best_top1': r['best_top1'],
+                        'best_top5': r['best_top5'], 'iters_per_epoch': r['iters_per_epoch']})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+
+def mean_std(values):
+    """Mean and population standard deviation (numpy's default ddof=0, as the DC/DSA/MTT evaluation
+    code reports it); std is 0 for one value."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std())
+
+
+def summarise(architecture, results, seconds, stacked):
+    row = {'architecture': architecture, 'seeds': [r['seed'] for r in results], 'stacked': stacked,
+           'wall_seconds': round(seconds, 3)}
+    for key in ('top1', 'best_top1', 'top5', 'best_top5'):
+        values = [r[key] for r in results]
+        row[key] = values
+        row[f'{key}_mean'], row[f'{key}_std'] = mean_std(values)
+    row['test_curves'] = [r['test_curve'] for r in results if 'test_curve' in r]
+    return row
+
+
+def markdown_table(report):
+    """The report as a markdown table, one row per architecture."""
+    K = report['num_eval']
+    ipc = report['ipc'] if report['ipc'] is not None else 'all'
+    lines = [f"| method | protocol | dataset | ipc | model | runs | top-1 final (mean ± std) "
+             f"| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report['rows']:
+        lines.append(f"| {report['method']} | {report['protocol']} | {report['dataset']} | {ipc} "
+                     f"| {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+                     f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
+                     f"| {r['top5_mean']:.2f} ± {r['top5_std']:.2f} |")
+    return '\n'.join(lines)
+
+
+def write_json(obj, path):
+    """Write atomically: a temporary file then a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def build_train_set(method, G, info, train_split, ipc, set_seed, device):
+    """The fixed training set of a method: 'dim' (drawn from G), 'random' (real subset) or 'full'."""
+    if method == 'dim':
+        images, labels = draw_fixed_set(G, info, ipc, set_seed, device)
+    elif method == 'random':
+        idx = random_subset_indices(train_split.labels, info.num_classes, ipc, set_seed)
+        images, labels = train_split.images[idx], train_split.labels[idx]
+    elif method == 'full':
+        images, labels = train_split.images, train_split.labels
+    else:
+        raise ValueError(f"unknown method '{method}'")
+    return TrainSet(images, labels, info, device)
+
+
+def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, checkpoint=None, runlog=None):
+    """Evaluate every --eval-model under --protocol / --baseline with --num-eval seeds.
+
+    Returns the report dict written to results/<tag>/eval.json (docs/EVALUATION.md lists its fields).
+    """
+    method = args.baseline or 'dim'
+    protocol = args.protocol
+    if method == 'dim' and G is None:
+        raise ValueError("evaluating the generator needs G")
+    if method != 'dim' and protocol != 'fixed':
+        raise ValueError("baselines are trained with the fixed protocol")
+    seeds = classifier_seeds(args.seed, args.num_eval)
+    set_seed = args.seed if getattr(args, 'set_seed', None) is None else args.set_seed
+    start = time.time()
+    train_set = None
+    if protocol == 'fixed':
+        train_set = build_train_set(method, G, info, train_split, args.ipc, set_seed, device)
+        print(f"fixed training set ({method}): {len(train_set)} images, "
+              f"{math.ceil(len(train_set) / args.batch_size)} minibatches of up to {args.batch_size} per epoch")
+    rows = []
+    for name in args.eval_model:
+        t0 = time.time()
+        if protocol == 'onthefly':
+            results, stacked = train_onthefly(G, name, info, test_split, args, device, ctx, seeds, runlog), False
+        else:
+            results, stacked = train_fixed(name, train_set, info, test_split, args, device, ctx, seeds,
+                                           stack=not getattr(args, 'no_stack', False), runlog=runlog)
+        row = summarise(name, results, time.time() - t0, stacked)
+        rows.append(row)
+        print(f"  [{name}] top-1 final {row['top1_mean']:.2f} ± {row['top1_std']:.2f}, best (selected on "
+              f"test) {row['best_top1_mean']:.2f} ± {row['best_top1_std']:.2f} over {len(seeds)} seed(s), "
+              f"{row['wall_seconds']:.0f}s{' (stacked)' if stacked else ''}")
+        if runlog is not None:
+            runlog.scalars({f'Eval/{method}/{protocol}/{name}/top1': row['top1_mean'],
+                            f'Eval/{method}/{protocol}/{name}/best_top1': row['best_top1_mean']}, 0)
+    return {
+        'format': REPORT_FORMAT,
+        'protocol': protocol,
+        'method': method,
+        'dataset': info.name,
+        'num_classes': info.num_classes,
+        'ipc': None if method == 'full' else args.ipc,
+        'train_images': len(train_set) if train_set is not None else None,
+        'architectures': list(args.eval_model),
+        'num_eval': args.num_eval,
+        'seeds': seeds,
+        'set_seed': set_seed if protocol == 'fixed' and method != 'full' else None,
+        'generator_checkpoint': os.path.abspath(checkpoint) if checkpoint and method == 'dim' else None,
+        'generator_sha256': file_sha256(checkpoint) if checkpoint and method == 'dim' else None,
+        'recipe': {
+            'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
+            'momentum': 0.9, 'weight_decay': 5e-4,
+            'lr_schedule': 'x0.1 after the first half of the epochs' if protocol == 'fixed' else 'constant',
+            'aug_type': args.aug_type, 'mixup_net': args.mixup_net, 'mix_p': args.mix_p, 'beta': args.beta,
+            'test_interval': args.test_interval,
+        },
+        'accuracy_keys': {
+            'top1': 'top-1 (%) on the real test set after the last epoch',
+            'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
+            'top5': 'top-5 (%) after the last epoch',
+            'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',
+            'std': 'population standard deviation over the seeds (ddof=0)',
+        },
+        'rows': rows,
+        'device': str(device),
+        'amp': getattr(args, 'amp', 'off'),
+        'torch': torch.__version__,
+        'wall_seconds': round(time.time() - start, 3),
+    }
