@@ -65,6 +65,8 @@ class Pool:
                     self.build(state['name'])
                 self.model.load_state_dict(state['model'])
                 load_optimizer_state(self.opt, state['optimizer'])
+                if self.scaler is not None and state.get('scaler'):
+                    self.scaler.load_state_dict(state['scaler'])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"--resume: the pool model in {r.resumed_from} does not fit "
                                 f"({type(e).__name__})") from None
@@ -78,7 +80,8 @@ class Pool:
         self.net = distributed.wrap(fast.compiled(self.model))
 
     def state(self):
-        return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict()}}
+        return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict(),
+                         'scaler': self.scaler.state_dict() if self.scaler is not None else None}}
 
     def to_pool_input(self, x):
         # As in the reference, the pool model sees the GAN's [-1, 1] images normalised again with the

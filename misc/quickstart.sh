@@ -16,4 +16,4 @@ $PY pool_match.py "${SMALL[@]}" --tag quickstart-match --match logit --match-aug
     --epochs-eval 50 --print-freq 11
 echo "== stage 3: validation (validate.py)"
 $PY validate.py "${SMALL[@]}" --tag quickstart-test --pretrain-weight results/quickstart-match/model_dict_convnet.pth \
-    --epochs-eval 100 --eval-model convnet resnet10
+    --ipc 50 --batch-size 64 --epochs-eval 30 --test-interval 10 --eval-model convnet resnet10

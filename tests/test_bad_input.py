@@ -75,7 +75,6 @@ CASES = {
     'resume where the data changed': (S1, ['--resume', '--tag', 'good', '--data-dir', 'imgs4']),
 }
 if not torch.cuda.is_available():
-    CASES['fp16 on the CPU'] = (S1, base() + ['--amp', 'fp16'])
     CASES['CUDA asked for, none present'] = (S1, base() + ['--device', 'cuda'])
 FRESH = ['unknown match type', 'resume a corrupt file']  # also in a new interpreter (argparse; torch.load)
 

@@ -65,11 +65,11 @@ def test_checkpoint_for_other_data_is_refused(tmp_path):
     G, D = _gan()
     save_checkpoint(_state(G, D), tmp_path / 'c.pth')
     ckpt = load_checkpoint(str(tmp_path / 'c.pth'))
-    with pytest.raises(UserError, match='name=digits'):
+    with pytest.raises(UserError, match='trained on digits, but the flags ask for mnist'):
         check_compatible(ckpt, DATASETS['mnist'], 'c.pth')
-    with pytest.raises(UserError, match='img_size=28, but the flags give img_size=32'):
+    with pytest.raises(UserError, match='trained with 28 px images, but digits as the flags give it has 32 px images'):
         check_compatible(ckpt, replace(DIGITS, img_size=32), 'c.pth')
-    with pytest.raises(UserError, match='num_classes=10, but the flags give num_classes=7'):
+    with pytest.raises(UserError, match='trained with 10 classes, but digits as the flags give it has 7 classes'):
         check_compatible(ckpt, replace(DIGITS, num_classes=7), 'c.pth')
 
 

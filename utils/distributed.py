@@ -150,9 +150,10 @@ def prepare(run):
     run.G_step, run.D_step = wrap(run.G), wrap(run.D)
     run.train_stream = ShardedStream(run.train_stream, rank(), world)
     seed_rank(args.seed, run.iteration)
-    print(f"data-parallel: {world} processes ({dist.get_backend()}), global batch {args.batch_size} = "
-          f"{world} x {run.train_stream.local_batch}, generator BatchNorm "
-          f"{'synchronised (--sync-bn)' if getattr(args, 'sync_bn', False) else 'per process'}")
+    if is_main():  # printed before the run log silences the other ranks
+        print(f"data-parallel: {world} processes ({dist.get_backend()}), global batch {args.batch_size} = "
+              f"{world} x {run.train_stream.local_batch}, generator BatchNorm "
+              f"{'synchronised (--sync-bn)' if getattr(args, 'sync_bn', False) else 'per process'}")
 
 
 def seed_rank(seed, iteration):
@@ -249,8 +250,17 @@ class ShardedStream:
 
     def random_batch(self):
         """This rank's slice of the first global batch of a fresh shuffled pass."""
+        return next(self.random_batches(1))
+
+    def random_batches(self, count):
+        """This rank's slices of `count` random global batches (the pool model's training batches).
+        Unlike a single process, which draws them from the device's global RNG, the keys come from the
+        data generator: it is in the same state on every rank (the global RNGs are per rank), so the
+        ranks agree on each global batch without communicating, and checkpoints save it."""
         s = self.stream
-        return self._take(self._mine(torch.randperm(len(s.labels), generator=s.generator)[:s.batch_size]))
+        keys = torch.rand(count, len(s.labels), generator=s.generator).to(s.images.device)
+        for idx in keys.topk(s.batch_size, dim=1).indices:
+            yield self._take(self._mine(idx))
 
 
 # -- logging ---------------------------------------------------------------------------------

@@ -403,8 +403,8 @@ def markdown_table(report):
     """The report as a markdown table, one row per architecture."""
     K = report['num_eval']
     ipc = report['ipc'] if report['ipc'] is not None else 'all'
-    lines = [f"| method | protocol | dataset | ipc | model | runs | top-1 final (mean ± std) "
-             f"| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
+    lines = ["| method | protocol | dataset | ipc | model | runs | top-1 final (mean ± std) "
+             "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report['rows']:
         lines.append(f"| {report['method']} | {report['protocol']} | {report['dataset']} | {ipc} "

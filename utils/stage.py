@@ -157,6 +157,9 @@ class GanRun:
             self.best, self.validate_pending = dict(ckpt['best']), bool(ckpt['validate_pending'])
             self.data_gen.set_state(ckpt['data_rng'])
             set_rng_state(ckpt['rng'])  # last: building the models above drew from the generators
+            for key, scaler in (('g', self.scaler_g), ('d', self.scaler_d)):
+                if scaler is not None and key in ckpt.get('scalers', {}):
+                    scaler.load_state_dict(ckpt['scalers'][key])
         except (TypeError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--resume: {where} holds a damaged run state ({type(e).__name__})") from None
         if self.order is not None and len(self.order) != len(self.train_split):
@@ -302,6 +305,8 @@ class GanRun:
             'order': self.order, 'best': self.best, 'validate_pending': self.validate_pending,
             'args': vars(self.args), 'rng': rng_state(), 'data_rng': self.data_gen.get_state(),
             'num_threads': torch.get_num_threads(),
+            # fp16 loss scales, so a resumed fp16 run does not restart its scale search
+            'scalers': {k: sc.state_dict() for k, sc in (('g', self.scaler_g), ('d', self.scaler_d)) if sc is not None},
             **(extra or {}),
         }
 
