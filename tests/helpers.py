@@ -15,3 +15,19 @@ def run_script(script, *args, cwd, timeout=600):
     env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def save_tiny_generator(path, info, seed):
+    """A tiny, untrained generator saved as a stage-1 checkpoint of this repository; returns it."""
+    import torch
+
+    from models import Discriminator, Generator
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    G = Generator(info.num_classes, info.channels, info.img_size, dim_noise=32, width=16)
+    D = Discriminator(info.num_classes, info.channels, info.img_size, width=16)
+    save_checkpoint({'generator': G.state_dict(), 'discriminator': D.state_dict(), 'stage': 'gen_condense',
+                     'dataset': info.to_dict(), 'generator_config': G.config,
+                     'discriminator_config': D.config, 'args': {}}, path)
+    return G

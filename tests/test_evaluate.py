@@ -12,8 +12,7 @@ import torch
 
 import validate
 from data.datasets import Split, load_dataset
-from models import Discriminator, Generator
-from utils.checkpoint import save_checkpoint
+from tests.helpers import save_tiny_generator
 from utils.errors import UserError
 from utils.evaluate import train_on_generator
 from utils.protocols import (TrainSet, classifier_seeds, draw_fixed_set, markdown_table, random_subset_indices,
@@ -40,15 +39,8 @@ def digits():
 @pytest.fixture(scope='module')
 def gen_ckpt(tmp_path_factory, digits):
     """A tiny, untrained generator saved as a stage-1 checkpoint of this repository."""
-    info = digits[0]
-    torch.manual_seed(0)
-    G = Generator(info.num_classes, info.channels, info.img_size, dim_noise=32, width=16)
-    D = Discriminator(info.num_classes, info.channels, info.img_size, width=16)
     path = str(tmp_path_factory.mktemp('gen') / 'gen.pth')
-    save_checkpoint({'generator': G.state_dict(), 'discriminator': D.state_dict(), 'stage': 'gen_condense',
-                     'dataset': info.to_dict(), 'generator_config': G.config,
-                     'discriminator_config': D.config, 'args': {}}, path)
-    return path, G
+    return path, save_tiny_generator(path, digits[0], seed=0)
 
 
 def make_args(**kw):

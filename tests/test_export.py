@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from data.datasets import DATASETS
-from models import Discriminator, Generator
-from utils.checkpoint import save_checkpoint
+from tests.helpers import save_tiny_generator
 from utils.errors import UserError
 from utils.protocols import draw_fixed_set, file_sha256
 
@@ -30,15 +29,9 @@ def load_export_module():
 
 @pytest.fixture(scope='module')
 def gen_ckpt(tmp_path_factory):
-    """A tiny, untrained digits generator saved as a stage-1 checkpoint of this repository."""
-    torch.manual_seed(1)
-    G = Generator(INFO.num_classes, INFO.channels, INFO.img_size, dim_noise=32, width=16)
-    D = Discriminator(INFO.num_classes, INFO.channels, INFO.img_size, width=16)
+    """A tiny, untrained generator saved as a stage-1 checkpoint of this repository."""
     path = str(tmp_path_factory.mktemp('gen') / 'gen.pth')
-    save_checkpoint({'generator': G.state_dict(), 'discriminator': D.state_dict(), 'stage': 'gen_condense',
-                     'dataset': INFO.to_dict(), 'generator_config': G.config,
-                     'discriminator_config': D.config, 'args': {}}, path)
-    return path, G
+    return path, save_tiny_generator(path, INFO, seed=1)
 
 
 def test_export_round_trip(gen_ckpt, tmp_path):

@@ -30,7 +30,7 @@ from data.datasets import test_batches, to_classifier_input
 from utils.augment import cutmix, make_augment, normalize
 from utils.errors import UserError
 from utils.evaluate import build_classifier, train_on_generator
-from utils.runtime import seed_everything
+from utils.runtime import backward_step, seed_everything
 
 PROTOCOLS = ('onthefly', 'fixed')
 BASELINES = ('random', 'full')
@@ -343,13 +343,7 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
                     logits = group.forward(torch.stack(xs))
                 loss = group_loss(logits, torch.stack(ya), torch.stack(yb), lam)
                 opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                backward_step(loss, opt, scaler)
             if (epoch + 1) % args.test_interval == 0 or epoch + 1 == epochs:
                 final1, final5 = group_test(group, test_split, info, device, ctx)
                 best1 = [max(a, b) for a, b in zip(best1, final1)]
