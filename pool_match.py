@@ -20,6 +20,7 @@ from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, run, stage_parser, str2bool
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
+from utils.graphs import GraphedStep, capture_problem
 from utils.matching import feature_match_loss, gradient_match_loss, logit_match_loss
 from utils.runtime import eager, load_optimizer_state
 from utils.stage import GanRun
@@ -43,6 +44,9 @@ def get_parser():
                    help='SGD steps of the pool model on real batches per generator step')
     g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
     g.add_argument('--pool-lr', type=float, default=0.01, help='SGD learning rate of the pool model')
+    g.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
+                   help="replay the --epochs-match-train pool steps from one CUDA graph (one launch instead "
+                        "of thousands; same computation). Off by default: not yet measured on a GPU")
     add_resume_flags(p, save_every=400)
     distributed.add_flags(p)
     return p
@@ -57,6 +61,9 @@ class Pool:
         self.match_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=True)
         self.name = self.model = self.net = self.opt = None
         self.scaler = r.fast.scaler()  # fp16 only; else None
+        # the pool steps, replayed from a CUDA graph with --cuda-graphs (one capture per pool model)
+        self.graphed = GraphedStep(self._train_steps) if self.args.cuda_graphs == 'on' else None
+        self.train_ctx = r.fast.ctx(cache=False) if self.graphed is not None else r.ctx
         state = (r.ckpt or {}).get('pool') if r.resumed_from else None
         if state:
             try:
@@ -78,6 +85,8 @@ class Pool:
         self.opt = classifier_optimizer(self.model, self.args.pool_lr, **fast.optimizer_kwargs(torch.optim.SGD))
         # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
         self.net = distributed.wrap(fast.compiled(self.model))
+        if self.graphed is not None:
+            self.graphed.reset()  # the capture holds the previous model's tensors
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict(),
@@ -92,9 +101,15 @@ class Pool:
         """--epochs-match-train SGD steps on random real batches (each one the first batch of a fresh
         shuffled pass, as re-iterating the reference's loader gave)."""
         self.model.train()
+        if self.graphed is not None and self.args.epochs_match_train > 0:
+            self.graphed()
+        else:
+            self._train_steps()
+
+    def _train_steps(self):
         for images, labels in self.r.train_stream.random_batches(self.args.epochs_match_train):
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
-            classifier_step(self.net, self.opt, x, labels, self.r.ctx, self.scaler)
+            classifier_step(self.net, self.opt, x, labels, self.train_ctx, self.scaler)
 
     def match_loss(self, real, fake, labels):
         """Train the pool model, then compare it on real and generated images; gradients reach G."""
@@ -114,6 +129,19 @@ class Pool:
                                           idx_to=self.args.idx_to).float()
         finally:
             self.model.requires_grad_(True)
+
+
+def check_cuda_graphs(r):
+    """Refuse --cuda-graphs, in one line, where a capture of the pool steps would not replay them
+    faithfully (or not at all)."""
+    if r.args.cuda_graphs != 'on':
+        return
+    aug = make_augment(r.args.aug_type, r.args.mixup_net, batch=False)
+    problem = capture_problem(r.device, amp=r.fast.amp, compile_mode=r.fast.compile,
+                              distributed=distributed.is_dist(), data_device=r.train_stream.images.device,
+                              host_random_augment=aug.draws_on_host)
+    if problem:
+        raise UserError(problem)
 
 
 def train_iteration(r, pool, images, labels):
@@ -166,7 +194,7 @@ def main():
     unknown = [m for m in args.pool if m not in list_models()]
     if unknown:
         raise UserError(f"unknown --pool model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
-    GanRun(args, 'pool_match', init_weight=args.weight).execute(train)
+    GanRun(args, 'pool_match', init_weight=args.weight, check=check_cuda_graphs).execute(train)
 
 
 if __name__ == '__main__':

@@ -96,11 +96,13 @@ def stage1_workload(fast, width=196, batch=128, train_size=CIFAR_TRAIN, seed=0):
     return SimpleNamespace(step=step, batch=batch, modules={'G': r.G, 'D': r.D}, run=r)
 
 
-def stage2_workload(fast, pool_model, width=196, batch=64, pool_steps=16, train_size=CIFAR_TRAIN, seed=0):
-    args = pool_match.get_parser().parse_args(['--match', 'logit', '--match-aug',
+def stage2_workload(fast, pool_model, width=196, batch=64, pool_steps=16, train_size=CIFAR_TRAIN, seed=0,
+                    cuda_graphs='off'):
+    args = pool_match.get_parser().parse_args(['--match', 'logit', '--match-aug', '--cuda-graphs', cuda_graphs,
                                                '--epochs-match-train', str(pool_steps)])
     r = gan_run(fast, width, batch, train_size, lr=args.lr, seed=seed)
     r.args = args
+    pool_match.check_cuda_graphs(r)
     pool = pool_match.Pool(r)
     pool.build(pool_model)
     batches = _endless(r.train_stream)
@@ -108,7 +110,8 @@ def stage2_workload(fast, pool_model, width=196, batch=64, pool_steps=16, train_
     def step():
         images, labels = next(batches)
         return pool_match.train_iteration(r, pool, images, labels)
-    return SimpleNamespace(step=step, batch=batch, modules={'G': r.G, 'D': r.D, 'pool': pool.model}, run=r)
+    return SimpleNamespace(step=step, batch=batch, modules={'G': r.G, 'D': r.D, 'pool': pool.model}, run=r,
+                           pool=pool)
 
 
 def validation_workload(fast, model_name, width=196, batch=128, seed=0, info=INFO):
@@ -221,10 +224,34 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS so far
 
 
+def amp_vs_fp32(make, fast, iters):
+    """The first `iters` iterations' losses under the config's --amp against the same iterations in
+    fp32, from the same seed and random draws: per loss, the largest difference over the loss's mean
+    absolute fp32 value (None when the config runs in fp32 already)."""
+    if fast.amp == 'off' or iters < 1:
+        return None
+    runs = []
+    for amp in ('off', fast.amp):
+        work = make(replace(fast, amp=amp))  # seeds the global RNG, so both runs draw the same numbers
+        runs.append([{k: float(v) for k, v in work.step().items()} for _ in range(iters)])
+    fp32, mixed = runs
+    out = {}
+    for key in fp32[0]:
+        if key.startswith('skipped'):
+            continue
+        # relative to the loss's typical size over the iterations, not to each value: the Wasserstein
+        # estimate, say, crosses zero
+        scale = max(sum(abs(f[key]) for f in fp32) / iters, 1e-12)
+        out[key] = max(abs(m[key] - f[key]) for f, m in zip(fp32, mixed)) / scale
+    return out
+
+
 def measure(name, make, fast, opts, peak, extra=None):
-    """Build the workload, count its FLOPs (eagerly, on a separate copy), time it."""
+    """Build the workload, count its FLOPs (eagerly, on a separate copy), compare --amp against fp32,
+    time it."""
     device = fast.device
     flops = count_flops(make(replace(fast, compile='off')).step)
+    amp_check = amp_vs_fp32(make, fast, opts.amp_check_iters)
     reset_memory(device)
     work = make(fast)
     t0 = time.perf_counter()
@@ -242,6 +269,8 @@ def measure(name, make, fast, opts, peak, extra=None):
         'peak_memory_mb': peak_memory_mb(device),
         'peak_memory_kind': 'cuda max_memory_allocated' if device.type == 'cuda' else 'process peak RSS',
         'host_syncs_per_iter': count_host_syncs(work.step, device),
+        'amp_vs_fp32_max_rel_diff': amp_check,
+        'amp_check_iters': opts.amp_check_iters if amp_check else 0,
         'seconds_total': wall,
     }
     if extra:
@@ -319,6 +348,11 @@ def get_parser():
     p.add_argument('--compile', nargs='?', const='default', default='off', choices=COMPILE_MODES)
     p.add_argument('--optim-impl', default='auto', choices=OPTIM_IMPLS)
     p.add_argument('--gp-amp', action='store_true', help='the gradient penalty under --amp too (default fp32)')
+    p.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
+                   help="stage 2 with the pool steps replayed from a CUDA graph (pool_match.py --cuda-graphs); "
+                        "'plain' never uses them")
+    p.add_argument('--amp-check-iters', type=int, default=None,
+                   help='iterations whose losses are compared between --amp and fp32 (default 5; --quick: 2)')
     p.add_argument('--width', type=int, default=None, help='G/D width (default 196; --quick: 8)')
     p.add_argument('--batch-stage1', type=int, default=None, help='default 128 (--quick: 8)')
     p.add_argument('--batch-stage2', type=int, default=None, help='default 64 (--quick: 8)')
@@ -340,6 +374,7 @@ def fill_defaults(opts, device):
     defaults = dict(width=8 if quick else 196, batch_stage1=8 if quick else 128, batch_stage2=8 if quick else 64,
                     batch_eval=8 if quick else 128, pool_steps=2 if quick else 16, iters=3 if quick else 50,
                     warmup=1 if quick else 10, train_size=256 if quick else CIFAR_TRAIN,
+                    amp_check_iters=2 if quick else 5,
                     test_size=100 if quick else 10000,
                     matmul_n=256 if quick else (8192 if device.type == 'cuda' else 1024))
     defaults['pool_models'] = ['convnet'] if quick else ['convnet', 'resnet18']
@@ -379,8 +414,10 @@ def main(argv=None):
             plan.append(('stage1', lambda f: stage1_workload(f, opts.width, opts.batch_stage1, opts.train_size), None))
         if 'stage2' in opts.loops:
             for m in opts.pool_models:
-                plan.append((f'stage2_{m}', lambda f, m=m: stage2_workload(
-                    f, m, opts.width, opts.batch_stage2, opts.pool_steps, opts.train_size), None))
+                graphs = 'off' if config == 'plain' else opts.cuda_graphs
+                plan.append((f'stage2_{m}', lambda f, m=m, graphs=graphs: stage2_workload(
+                    f, m, opts.width, opts.batch_stage2, opts.pool_steps, opts.train_size,
+                    cuda_graphs=graphs), None))
         if 'validation' in opts.loops:
             for m in opts.eval_models:
                 plan.append((f'validation_{m}', lambda f, m=m: validation_workload(f, m, opts.width, opts.batch_eval),
@@ -389,6 +426,8 @@ def main(argv=None):
             row = measure(name, make, fast, opts, peak, extra)
             rows.append(row)
             syncs = '' if row['host_syncs_per_iter'] is None else f", {row['host_syncs_per_iter']} host syncs"
+            if row['amp_vs_fp32_max_rel_diff']:
+                syncs += ', vs fp32: ' + ' '.join(f'{k} {v:.1e}' for k, v in row['amp_vs_fp32_max_rel_diff'].items())
             rate = (f"{row['flops_per_iter'] / 1e9:9.2f} GFLOP/it  {row['tflops_achieved']:7.3f} TFLOP/s "
                     f"({100 * row['fraction_of_peak']:.1f}% of peak)" if row['flops_per_iter'] else 'FLOPs n/a')
             print(f"[{config}] {name:22s} {row['ms_median']:9.2f} ms/it  {row['images_per_s']:9.1f} img/s  "

@@ -32,6 +32,7 @@ CASES = {
     'unknown eval model': (S1, base() + ['--eval-model', 'nosuch']),
     'unknown match type': (S2, base() + ['--weight', GOOD, '--match', 'nosuch']),
     'unknown pool model': (S2, base() + ['--weight', GOOD, '--pool', 'convnet', 'nosuch']),
+    'CUDA graphs on the CPU': (S2, base() + ['--weight', GOOD, '--cuda-graphs', 'on', '--device', 'cpu']),
     'unknown augmentation': (S1, base() + ['--aug-type', 'color_nosuch']),
     'unknown flag': (S1, base() + ['--no-such-flag']),
     'not a number': (S1, base() + ['--epochs', 'ten']),

@@ -95,7 +95,8 @@ WORKLOADS = {
 
 
 def build(loop, fast, adam_eps=ADAM_EPS):
-    work = WORKLOADS[loop](fast)  # seeds itself before building the models
+    """`loop`: a WORKLOADS name, or a function of the fast path that builds a workload."""
+    work = (WORKLOADS[loop] if isinstance(loop, str) else loop)(fast)  # seeds itself before building
     run = getattr(work, 'run', None)
     if run is not None and adam_eps is not None:
         for opt in (run.opt_g, run.opt_d):
@@ -174,6 +175,21 @@ def test_real_model_first_losses_match(loop):
     assert fast[first] == pytest.approx(plain[first], rel=1e-5)
     if 'loss_match' in plain:
         assert fast['loss_match'] == pytest.approx(plain['loss_match'], rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.skipif(DEVICE.type != 'cuda', reason='CUDA graphs need a GPU (DIM_TEST_DEVICE=cuda)')
+@pytest.mark.parametrize('model', ['convnet', 'resnet10'])
+def test_cuda_graphs_match_eager(model, well_conditioned):
+    # 6 iterations: 3 eager warm-ups of the pool steps, the capture (replayed at once), 2 replays
+    def workload(graphs):
+        return lambda fast: stage2_workload(fast, model, WIDTH, BATCH, pool_steps=2, train_size=TRAIN,
+                                            cuda_graphs=graphs)
+    fast = FAST['channels_last+fused']
+    assert_same_run(run(workload('off'), fast, iters=6), run(workload('on'), fast, iters=6))
+    work = build(workload('on'), fast)
+    for _ in range(4):
+        work.step()
+    assert work.pool.graphed.graph is not None  # the last steps were replays
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -213,6 +213,11 @@ class DiffAug:
         self.geometric = [op for op in _GEOMETRIC if op in ops]
         self.post = [op for op in _POST if op in ops]
 
+    @property
+    def draws_on_host(self) -> bool:
+        """Whether a call makes a host-side random draw (the choice among several geometric ops)."""
+        return len(self.geometric) > 1
+
     def _apply(self, name: str, x: Tensor) -> Tensor:
         for fn in AUGMENT_FNS[name]:
             x = fn(x, self.batch)
@@ -224,7 +229,7 @@ class DiffAug:
         if self.geometric:
             # a single CPU draw: picking the op needs a Python int, and a CPU
             # tensor's item() does not synchronise with the GPU
-            k = int(torch.randint(len(self.geometric), (1,))) if len(self.geometric) > 1 else 0
+            k = int(torch.randint(len(self.geometric), (1,))) if self.draws_on_host else 0
             x = self._apply(self.geometric[k], x)
         for name in self.post:
             x = self._apply(name, x)

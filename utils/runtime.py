@@ -81,13 +81,15 @@ def resolve_amp(amp, device):
     return amp
 
 
-def autocast(amp, device):
+def autocast(amp, device, cache=True):
     """The context every forward pass runs in: autocast for bf16/fp16, nothing for fp32.
-    (torch.autocast objects keep state on enter: reuse one only sequentially, never nested.)"""
+    (torch.autocast objects keep state on enter: reuse one only sequentially, never nested.)
+    `cache=False` for code captured in a CUDA graph, as torch asks; each weight is cast once per
+    forward either way, so the results are the same."""
     if amp == 'off':
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_scaler(amp, device):
@@ -193,8 +195,8 @@ class FastPath:
         return (f"amp {self.amp} (gradient penalty {gp}), channels-last {'on' if self.channels_last else 'off'}, "
                 f"optimizer {self.optim_impl}, compile {self.compile}")
 
-    def ctx(self):
-        return autocast(self.amp, self.device)
+    def ctx(self, cache=True):
+        return autocast(self.amp, self.device, cache)
 
     def scaler(self):
         return make_scaler(self.amp, self.device)

@@ -28,7 +28,7 @@ SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match
 # run continues as it started (giving one with another value than the run's is refused).
 RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
                      'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir',
-                     'channels_last', 'compile', 'optim_impl')
+                     'channels_last', 'compile', 'optim_impl', 'cuda_graphs')
 
 
 def adam(params, lr, **impl):
@@ -79,7 +79,7 @@ class GanRun:
     Every check of flags, data and checkpoints comes before RunLog creates the run folders, so a
     refused start writes nothing."""
 
-    def __init__(self, args, stage, init_weight=''):
+    def __init__(self, args, stage, init_weight='', check=None):
         if getattr(args, 'resume', None):
             ckpt, self.resumed_from = open_resume(args, stage)
         else:
@@ -141,6 +141,8 @@ class GanRun:
         self.grid_noise = torch.randn(len(self.grid_labels), self.G.dim_noise,
                                       generator=torch.Generator().manual_seed(args.seed)).to(self.device)
 
+        if check is not None:  # the stage's own refusals, which need the device and data
+            check(self)
         # everything checked: from here on files are written
         self.runlog = RunLog(args) if distributed.is_main() else distributed.QuietRunLog(args)
         if distributed.is_main():
