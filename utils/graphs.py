@@ -21,7 +21,7 @@ NO_STREAM = object()  # what the CPU test's stream_factory returns
 class GraphedStep:
     """Calls `fn()` eagerly `warmup` times (on a side stream, as CUDA-graph capture asks, so that lazy
     initialisation, cuDNN autotuning and the optimizer's state happen outside the graph), then
-    captures it once and replays the capture on every later call. Each call runs `fn` exactly once:
+    captures it once on that stream and replays the capture on every later call. Each call runs `fn` exactly once:
     capturing records kernels without running them, so the capturing call replays right after.
 
     `graph_factory` and `stream_factory` exist for the CPU test of this bookkeeping; the stage uses
@@ -46,8 +46,11 @@ class GraphedStep:
 
     def _capture(self):
         graph = self.graph_factory()
+        side = self._side_stream()
         try:
-            with self.capture(graph):
+            # on the warm-up's stream: libraries that create per-stream handles or workspaces lazily
+            # (cuBLAS, cuBLASLt) have done so there, outside the capture
+            with self.capture(graph, **({} if side is NO_STREAM else {'stream': side})):
                 self.fn()
         except RuntimeError as e:  # an op that can't be captured (a host sync, a CPU tensor, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -55,17 +58,21 @@ class GraphedStep:
                             "run without --cuda-graphs") from None
         return graph
 
-    def _eager_on_side_stream(self):
+    def _side_stream(self):
         if self.side is None:
             self.side = self.stream_factory()
-        if self.side is NO_STREAM:  # the CPU test: no streams to order
+        return self.side
+
+    def _eager_on_side_stream(self):
+        side = self._side_stream()
+        if side is NO_STREAM:  # the CPU test: no streams to order
             self.fn()
             return
         current = torch.cuda.current_stream()
-        self.side.wait_stream(current)
-        with torch.cuda.stream(self.side):
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
             self.fn()
-        current.wait_stream(self.side)
+        current.wait_stream(side)
 
     def reset(self):
         """Forget the capture (its memory pool goes with it): the next calls warm up and capture anew."""
