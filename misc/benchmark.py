@@ -46,6 +46,7 @@ from data.datasets import DATASETS, BatchStream, Split  # noqa: E402
 from models import Generator  # noqa: E402
 from utils.adversarial import build_gan  # noqa: E402
 from utils.augment import make_augment  # noqa: E402
+from utils.cli import run  # noqa: E402
 from utils.evaluate import (build_classifier, classifier_optimizer, classifier_step, generated_batch,  # noqa: E402
                             iterations_per_epoch, test)
 from utils.runtime import (COMPILE_MODES, OPTIM_IMPLS, SWITCH, FastPath, select_device,  # noqa: E402
@@ -448,4 +449,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run(main)  # a bad flag combination (say --cuda-graphs on the CPU): one line, exit status 2

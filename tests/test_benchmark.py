@@ -58,3 +58,11 @@ def test_bf16_losses_are_compared_with_fp32(tmp_path):
         assert 0 < diff['loss_g' if name == 'stage1' else 'loss'] < 0.2, diff
         assert all(0 <= v < 1 for v in diff.values()), diff
         assert f'[fast] {name}' in proc.stdout and 'vs fp32:' in proc.stdout
+
+
+def test_cuda_graphs_on_the_cpu_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'benchmark.py'), '--device', 'cpu', '--quick',
+                           '--loops', 'stage2', '--cuda-graphs', 'on'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == 'error: --cuda-graphs needs a CUDA device (this run is on cpu)'
