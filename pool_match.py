@@ -52,17 +52,23 @@ def get_parser():
     return p
 
 
+def pool_train_augment(args):
+    """The per-sample augmentation of the pool model's training batches."""
+    return make_augment(args.aug_type, args.mixup_net, batch=False)
+
+
 class Pool:
     """The pool model of the current epoch, its optimizer, and the augmentations around it."""
 
     def __init__(self, r):
         self.r, self.args = r, r.args
-        self.train_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=False)
+        self.train_aug = pool_train_augment(self.args)
         self.match_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=True)
         self.name = self.model = self.net = self.opt = None
         self.scaler = r.fast.scaler()  # fp16 only; else None
         # the pool steps, replayed from a CUDA graph with --cuda-graphs (one capture per pool model)
-        self.graphed = GraphedStep(self._train_steps) if self.args.cuda_graphs == 'on' else None
+        graphs = self.args.cuda_graphs == 'on' and self.args.epochs_match_train > 0
+        self.graphed = GraphedStep(self._train_steps) if graphs else None
         self.train_ctx = r.fast.ctx(cache=False) if self.graphed is not None else r.ctx
         state = (r.ckpt or {}).get('pool') if r.resumed_from else None
         if state:
@@ -101,10 +107,7 @@ class Pool:
         """--epochs-match-train SGD steps on random real batches (each one the first batch of a fresh
         shuffled pass, as re-iterating the reference's loader gave)."""
         self.model.train()
-        if self.graphed is not None and self.args.epochs_match_train > 0:
-            self.graphed()
-        else:
-            self._train_steps()
+        (self.graphed or self._train_steps)()
 
     def _train_steps(self):
         for images, labels in self.r.train_stream.random_batches(self.args.epochs_match_train):
@@ -136,10 +139,9 @@ def check_cuda_graphs(r):
     faithfully (or not at all)."""
     if r.args.cuda_graphs != 'on':
         return
-    aug = make_augment(r.args.aug_type, r.args.mixup_net, batch=False)
     problem = capture_problem(r.device, amp=r.fast.amp, compile_mode=r.fast.compile,
                               distributed=distributed.is_dist(), data_device=r.train_stream.images.device,
-                              host_random_augment=aug.draws_on_host)
+                              host_random_augment=pool_train_augment(r.args).draws_on_host)
     if problem:
         raise UserError(problem)
 

@@ -426,13 +426,13 @@ def main(argv=None):
         for name, make, extra in plan:
             row = measure(name, make, fast, opts, peak, extra)
             rows.append(row)
-            syncs = '' if row['host_syncs_per_iter'] is None else f", {row['host_syncs_per_iter']} host syncs"
+            notes = '' if row['host_syncs_per_iter'] is None else f", {row['host_syncs_per_iter']} host syncs"
             if row['amp_vs_fp32_max_rel_diff']:
-                syncs += ', vs fp32: ' + ' '.join(f'{k} {v:.1e}' for k, v in row['amp_vs_fp32_max_rel_diff'].items())
+                notes += ', vs fp32: ' + ' '.join(f'{k} {v:.1e}' for k, v in row['amp_vs_fp32_max_rel_diff'].items())
             rate = (f"{row['flops_per_iter'] / 1e9:9.2f} GFLOP/it  {row['tflops_achieved']:7.3f} TFLOP/s "
                     f"({100 * row['fraction_of_peak']:.1f}% of peak)" if row['flops_per_iter'] else 'FLOPs n/a')
             print(f"[{config}] {name:22s} {row['ms_median']:9.2f} ms/it  {row['images_per_s']:9.1f} img/s  "
-                  f"{rate}  peak mem {row['peak_memory_mb']:.0f} MB{syncs}"
+                  f"{rate}  peak mem {row['peak_memory_mb']:.0f} MB{notes}"
                   + (f"  validation run {row['validation_projected_s']:.1f} s" if row.get('validation_projected_s') else ''))
     projection = project(rows)
     for config, p in projection.items():
