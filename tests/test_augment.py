@@ -3,9 +3,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import utils.augment as augment_module
 from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, make_augment, normalize, rand_brightness,
-                           rand_contrast, rand_saturation)
+                           rand_contrast, rand_rotate, rand_saturation, rand_scale, rand_translate)
 
 OPS = ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'translate']
 STRATEGIES = OPS + ['color_crop_cutout', 'flip_color_crop_scale_rotate_translate_cutout']
@@ -155,8 +157,35 @@ def test_integer_shifts_fill_zeros(op, size):
     dys, dxs = zip(*shifts)
     s = int(size * 0.125 + 0.5)
     assert s == 4
-    assert set(dys) == set(range(-s, s + 1))                               # all offsets, no more
-    assert set(dxs) == ({0} if op == 'translate' else set(range(-s, s + 1)))
+    assert set(dxs) == set(range(-s, s + 1))                               # all offsets, no more
+    assert set(dys) == ({0} if op == 'translate' else set(range(-s, s + 1)))
+
+
+@pytest.mark.parametrize('batch', [True, False])
+def test_translate_moves_columns_only(batch):
+    # one lit pixel on a non-square image: the shift follows the width, up to round(0.125 * W) = 5
+    # (round(0.125 * H) would be 2), and the pixel never leaves its row
+    torch.manual_seed(0)
+    H, W, i, j = 16, 40, 5, 20
+    x = torch.zeros(1, 2, H, W)
+    x[:, :, i, j] = 1.0
+    shifts = set()
+    for _ in range(40 if batch else 1):
+        y = rand_translate(x.expand(200, -1, -1, -1).contiguous(), batch)
+        lit = torch.nonzero(y[:, 0] == 1.0)                                  # (sample, row, col)
+        assert len(lit) == 200 and int((y != 0).sum()) == 2 * 200          # the pixel survives, once per channel
+        assert torch.all(lit[:, 1] == i)                                   # same row
+        assert torch.equal(y[:, 0], y[:, 1])
+        shifts |= set((lit[:, 2] - j).tolist())
+    assert shifts == set(range(-5, 6))
+
+
+def test_translate_fills_zeros_from_the_side():
+    x = torch.arange(1.0, 9.0).view(1, 1, 1, 8).expand(1, 1, 3, 8).contiguous()
+    y = augment_module._shift_cols(x, torch.tensor([[2]]))
+    assert torch.equal(y[0, 0, 0], torch.tensor([0.0, 0, 1, 2, 3, 4, 5, 6]))
+    y = augment_module._shift_cols(x, torch.tensor([[-3]]))
+    assert torch.equal(y[0, 0, 2], torch.tensor([4.0, 5, 6, 7, 8, 0, 0, 0]))
 
 
 @pytest.mark.parametrize('size', [28, 32])
@@ -208,21 +237,27 @@ def test_flip_fraction():
     assert abs(float(flipped.float().mean()) - 0.5) < 0.03
 
 
+def pixel_centres(size):
+    """Normalised coordinates of the pixel centres with align_corners=False: (2k + 1) / size - 1."""
+    return (2 * torch.arange(size, dtype=torch.float32) + 1) / size - 1
+
+
 def ramp_image(n, size):
-    """Channel 0 holds the normalised x coordinate, channel 1 the y coordinate;
-    bilinear sampling reproduces a linear ramp exactly, so a warped ramp returns
-    the sampling grid itself wherever it stays inside the image."""
-    lin = torch.linspace(-1, 1, size)
+    """Channel 0 holds the normalised x coordinate of each pixel centre, channel 1 the y coordinate;
+    bilinear sampling reproduces a linear ramp exactly, so a warped ramp returns the sampling grid
+    itself wherever it stays between the outer pixel centres."""
+    lin = pixel_centres(size)
     return torch.stack([lin.view(1, -1).expand(size, size), lin.view(-1, 1).expand(size, size)]).expand(n, 2, size, size)
 
 
 def test_scale_factors_in_range():
     torch.manual_seed(0)
-    size = 33                                            # odd: a pixel sits exactly at 0.5
-    j = 24                                               # linspace(-1, 1, 33)[24] == 0.5
+    size = 33                                            # odd: pixel 16 is the centre, coordinate 0
+    j = 24
+    c = float(pixel_centres(size)[j])                    # 16 / 33
     y = DiffAug('scale', batch=False)(ramp_image(2000, size).contiguous())
-    sx = y[:, 0, 16, j] / 0.5
-    sy = y[:, 1, j, 16] / 0.5
+    sx = y[:, 0, 16, j] / c
+    sy = y[:, 1, j, 16] / c
     for s in (sx, sy):
         assert s.min() >= 1 / 1.2 - 1e-5 and s.max() <= 1.2 + 1e-5
         assert s.min() < 1 / 1.2 + 0.02 and s.max() > 1.2 - 0.02
@@ -234,13 +269,39 @@ def test_scale_factors_in_range():
 def test_rotate_angles_in_range():
     torch.manual_seed(0)
     size, j = 33, 24
+    c = float(pixel_centres(size)[j])
     y = DiffAug('rotate', batch=False)(ramp_image(2000, size).contiguous())
-    # at (X, Y) = (0.5, 0) the grid is (cos * 0.5, -sin * 0.5)
-    cos, sin = y[:, 0, 16, j] / 0.5, -y[:, 1, 16, j] / 0.5
+    # at (X, Y) = (c, 0) the grid is (cos * c, -sin * c)
+    cos, sin = y[:, 0, 16, j] / c, -y[:, 1, 16, j] / c
     assert torch.allclose(cos ** 2 + sin ** 2, torch.ones(2000), atol=1e-4)
     deg = torch.rad2deg(torch.atan2(sin, cos))
     assert deg.min() >= -15 - 1e-3 and deg.max() <= 15 + 1e-3
     assert deg.min() < -14 and deg.max() > 14
+
+
+@pytest.mark.parametrize('op', ['scale', 'rotate'])
+def test_warps_use_align_corners_false(op, monkeypatch):
+    # fix the random draws, then compare with torch's affine_grid / grid_sample at their
+    # default align_corners=False on the known theta
+    draws = iter([1.15, 0.9] if op == 'scale' else [10.0])
+    monkeypatch.setattr(augment_module, '_uniform',
+                        lambda x, batch, low, high, shape=(1, 1, 1): torch.full((1, *shape), next(draws), dtype=x.dtype))
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 12, 20)
+    if op == 'scale':
+        y, theta = rand_scale(x, True), torch.tensor([[1.15, 0.0, 0.0], [0.0, 0.9, 0.0]])
+    else:
+        a = math.radians(10.0)
+        y, theta = rand_rotate(x, True), torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]])
+    theta = theta.expand(3, 2, 3)
+    expected = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    assert torch.allclose(y, expected, atol=1e-5)
+    if op == 'rotate':
+        # A theta without translation maps pixel centres the same way in both conventions
+        # unless it mixes the axes of a non-square image: only rotation there tells them
+        # apart (a scale is the same warp either way).
+        corners = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=True), align_corners=True)
+        assert not torch.allclose(y, corners, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- gradients, shapes, formats

@@ -1,10 +1,12 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.augment import DiffAug
-from utils.matching import (GRAD_METRICS, MATCH_LOSSES, feature_match_loss, gradient_match_loss,
+from utils.matching import (GRAD_WEIGHT, METRICS, MATCH_LOSSES, dist, feature_match_loss, gradient_match_loss,
                             gradient_penalty, logit_match_loss)
 
 
@@ -144,19 +146,89 @@ def test_logit_match_rejects_per_sample_augment_and_unpaired_batches(setup):
         logit_match_loss(model, real, real[:3])
 
 
+# --------------------------------------------------------------------------- distance
+D64 = dict(dtype=torch.float64)
+
+
+def test_dist_hand_computed_2d():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], **D64)
+    y = torch.tensor([[1.0, 0.0, 3.0], [0.0, 5.0, 8.0]], **D64)     # x - y = [[0, 2, 0], [4, 0, -2]]
+    assert float(dist(x, y, 'mse')) == 24.0
+    assert float(dist(x, y, 'l1')) == 8.0
+    # mean over the row, summed over rows: 2/3 + 6/3 (not the global mean 8/6)
+    assert math.isclose(float(dist(x, y, 'l1_mean')), 8 / 3, rel_tol=1e-12)
+    cos = (1 - 10 / (math.sqrt(14 * 10) + 1e-6)) + (1 - 73 / (math.sqrt(77 * 89) + 1e-6))
+    assert math.isclose(float(dist(x, y, 'cos')), cos, rel_tol=1e-12)
+
+
+def test_dist_l1_mean_sums_over_the_first_dim_only():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 5, **D64), torch.randn(3, 4, 5, **D64)
+    expected = sum((x[i] - y[i]).abs().mean() for i in range(3))
+    assert torch.allclose(dist(x, y, 'l1_mean'), expected)
+
+
+def test_dist_cos_adds_eps_and_keeps_zero_rows():
+    # a zero row counts 1 (no row is dropped); tiny rows are pulled towards 1 by the additive eps
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1e-4, 0.0]], **D64)
+    y = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1e-4, 0.0]], **D64)
+    expected = 1.0 + 1.0 + (1 - 1e-8 / (1e-8 + 1e-6))
+    assert math.isclose(float(dist(x, y, 'cos')), expected, rel_tol=1e-12)
+    # parallel rows of any length: 1 - |x||y| / (|x||y| + eps)
+    a, b = torch.tensor([[1.0, 2.0]], **D64), torch.tensor([[3.0, 6.0]], **D64)
+    assert math.isclose(float(dist(a, b, 'cos')), 1 - 15 / (15 + 1e-6), rel_tol=1e-6, abs_tol=1e-15)
+    assert math.isclose(float(dist(a, -b, 'cos')), 1 + 15 / (15 + 1e-6), rel_tol=1e-12)
+
+
+def test_dist_on_1d_tensors_works_per_element():
+    x = torch.tensor([1.0, -2.0, 0.0, 3.0], **D64)
+    y = torch.tensor([2.0, 1.0, 5.0, 3.0], **D64)
+    # cos: sum over elements of 1 - x*y / (|x||y| + eps): ~0 + ~2 + 1 + ~0
+    expected = sum(1 - a * b / (abs(a) * abs(b) + 1e-6) for a, b in zip(x.tolist(), y.tolist()))
+    assert math.isclose(float(dist(x, y, 'cos')), expected, rel_tol=1e-12)
+    assert abs(expected - 3.0) < 1e-5
+    # l1_mean: the first dimension is the element, so it equals l1
+    assert float(dist(x, y, 'l1_mean')) == float(dist(x, y, 'l1')) == 9.0
+    assert float(dist(x, y, 'mse')) == 1 + 9 + 25 + 0
+
+
+def test_dist_cos_gradient_finite_through_zero_rows():
+    gf = torch.zeros(2, 3, requires_grad=True)
+    dist(torch.ones(2, 3), gf + torch.tensor([[1.0, 0, 0], [0, 0, 0]]), 'cos').backward()
+    assert torch.isfinite(gf.grad).all()
+
+
+def test_dist_unknown_metric():
+    assert sorted(METRICS) == ['cos', 'l1', 'l1_mean', 'mse']
+    with pytest.raises(ValueError, match='l1_mean'):
+        dist(torch.ones(2), torch.ones(2), 'l2')
+
+
 # --------------------------------------------------------------------------- feature matching
 @pytest.mark.parametrize('augment', [None, 'siamese'])
 def test_feature_match_zero_for_identical(setup, augment):
     model, _, real, _, _ = setup
     torch.manual_seed(0)
-    assert feature_match_loss(model, real, real.clone(), siamese() if augment else None).item() == 0.0
+    for metric in ('l1', 'mse', 'l1_mean'):
+        loss = feature_match_loss(model, real, real.clone(), 0, 2, metric, siamese() if augment else None)
+        assert loss.item() == 0.0
 
 
-@pytest.mark.parametrize('idx_from,idx_to,layers', [(0, -1, [0, 1, 2]), (0, 0, [0]), (1, 2, [1, 2]), (-2, -1, [1, 2])])
-def test_feature_match_value_and_layer_range(setup, idx_from, idx_to, layers):
+def hand_dist(a, b, metric):
+    d = a - b
+    return {'mse': (d ** 2).sum(), 'l1': d.abs().sum(),
+            'l1_mean': d.abs().reshape(len(d), -1).mean(1).sum(),
+            'cos': (1 - (a.reshape(len(a), -1) * b.reshape(len(b), -1)).sum(1)
+                    / (a.reshape(len(a), -1).norm(dim=1) * b.reshape(len(b), -1).norm(dim=1) + 1e-6)).sum()}[metric]
+
+
+@pytest.mark.parametrize('idx_from,idx_to,layers', [(0, -1, [0]), (1, -1, [1]), (2, -1, [2]), (0, 0, [0]),
+                                                    (1, 2, [1, 2]), (0, 2, [0, 1, 2])])
+def test_feature_match_layer_range(setup, idx_from, idx_to, layers):
+    # idx_to = -1 means the single layer idx_from, not "up to the last layer"
     model, gen, real, z, _ = setup
     fake = gen(z)
-    loss = feature_match_loss(model, real, fake, idx_from=idx_from, idx_to=idx_to)
+    loss = feature_match_loss(model, real, fake, idx_from=idx_from, idx_to=idx_to, metric='mse')
     fr, ff = model.features(real), model.features(fake)
     expected = 0.001 * sum(((fr[i].mean(0) - ff[i].mean(0)) ** 2).sum() for i in layers)
     assert loss > 0 and torch.allclose(loss, expected)
@@ -164,59 +236,116 @@ def test_feature_match_value_and_layer_range(setup, idx_from, idx_to, layers):
     assert gen.fc.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('metric', ['l1', 'mse', 'l1_mean', 'cos'])
+def test_feature_match_honours_metric(setup, metric):
+    # layers 1 (a [C, H, W] mean) and 2 (a 1-D pooled vector mean)
+    model, gen, real, z, _ = setup
+    fake = gen(z)
+    loss = feature_match_loss(model, real, fake, idx_from=1, idx_to=2, metric=metric)
+    fr, ff = model.features(real), model.features(fake)
+    expected = 0.001 * sum(hand_dist(fr[i].mean(0), ff[i].mean(0), metric) for i in (1, 2))
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(feature_match_loss(model, real, fake),                     # default: layer 0, l1
+                          0.001 * hand_dist(fr[0].mean(0), ff[0].mean(0), 'l1'), rtol=1e-5)
+    loss.backward()
+    assert gen.fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('idx_from,idx_to', [(3, -1), (0, 3), (2, 1), (-1, -1), (-2, -1), (0, -2)])
+def test_feature_match_bad_layer_range(setup, idx_from, idx_to):
+    model, _, real, _, _ = setup
+    with pytest.raises(ValueError, match='3 layers') as err:
+        feature_match_loss(model, real, real, idx_from=idx_from, idx_to=idx_to)
+    assert '\n' not in str(err.value)
+    with pytest.raises(ValueError, match='l1'):
+        feature_match_loss(model, real, real, metric='l2')
+
+
 def test_feature_match_with_augment_and_unequal_batches(setup):
     model, gen, real, z, _ = setup
     torch.manual_seed(0)
-    loss = feature_match_loss(model, real, gen(z[:4]), siamese())
+    loss = feature_match_loss(model, real, gen(z[:4]), augment=siamese())
     loss.backward()
     assert loss > 0 and gen.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        feature_match_loss(model, real, real, augment=DiffAug('color', batch=False))
 
 
 # --------------------------------------------------------------------------- gradient matching
-@pytest.mark.parametrize('metric', sorted(GRAD_METRICS))
+@pytest.mark.parametrize('metric', sorted(METRICS))
 def test_gradient_match_zero_for_identical(setup, metric):
     model, _, real, _, labels = setup
     for bias, fc in [(False, False), (True, True)]:
         loss = gradient_match_loss(model, real, labels, real.clone(), labels, metric, bias=bias, fc=fc)
-        assert abs(loss.item()) < 1e-5
+        if metric == 'cos':
+            # 1 - |g|^2 / (|g|^2 + eps) per row is not 0 for a small gradient row (eps is additive),
+            # up to 1 for a zero one, such as the conv biases right before BatchNorm (1-D: one row
+            # per element): the reference's value
+            params = list(model.parameters()) if bias else [model.conv1.weight, model.conv2.weight]
+            g = torch.autograd.grad(F.cross_entropy(model(real), labels), params)
+            expected = 0.001 * sum(hand_dist(a, a.clone(), 'cos') for a in g)
+            assert torch.allclose(loss, expected, rtol=1e-3, atol=1e-9)
+        else:
+            assert abs(loss.item()) < 1e-5
 
 
-@pytest.mark.parametrize('metric', sorted(GRAD_METRICS))
+@pytest.mark.parametrize('metric', sorted(METRICS))
 def test_gradient_match_positive_and_reaches_fake(setup, metric):
     model, gen, real, z, labels = setup
     fake = gen(z)
     loss = gradient_match_loss(model, real, labels, fake, labels, metric)
-    assert loss > 1e-4
+    assert loss > 1e-7
     loss.backward()
     assert gen.fc.weight.grad is not None and gen.fc.weight.grad.abs().sum() > 0
     assert torch.isfinite(gen.fc.weight.grad).all()
 
 
-def test_gradient_match_parameter_selection(setup):
-    model, _, real, _, labels = setup
-    fake = torch.randn_like(real, requires_grad=True)
+class ConvBNLinear(nn.Module):
+    """conv (with bias) -> ReLU -> BatchNorm -> global pool -> Linear: 4-D, 1-D x 5 and 2-D parameters
+    (ReLU before the norm, so the conv bias gets a non-zero gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+        with torch.no_grad():     # non-trivial norm parameters, so their gradients differ from the defaults'
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.bn(F.relu(self.conv(x))).mean([2, 3]))
+
+
+def test_gradient_match_picks_parameters_by_dimension():
+    torch.manual_seed(0)
+    model = ConvBNLinear()
+    real, fake = torch.randn(6, 3, 6, 6), torch.randn(6, 3, 6, 6)
+    labels = torch.arange(6) % 5
+    names = [n for n, _ in model.named_parameters()]
 
     def grads(x):
-        loss = F.cross_entropy(model(x), labels)
-        return dict(zip([n for n, _ in model.named_parameters()],
-                        torch.autograd.grad(loss, list(model.parameters()))))
+        return dict(zip(names, torch.autograd.grad(F.cross_entropy(model(x), labels), list(model.parameters()))))
 
-    gr, gf = grads(real), grads(fake.detach())
+    gr, gf = grads(real), grads(fake)
 
-    def mse(names):
-        return sum(((gr[n] - gf[n]) ** 2).sum() for n in names)
+    def expected(chosen):
+        return 0.001 * sum(((gr[n] - gf[n]) ** 2).sum() for n in chosen)
 
-    conv = ['conv1.weight', 'conv2.weight']
-    biases = ['conv1.bias', 'bn1.bias', 'conv2.bias', 'fc.bias']
+    one_d = ['conv.bias', 'bn.weight', 'bn.bias', 'fc.bias']        # biases AND norm weights
     cases = {
-        (False, False): conv,
-        (True, False): conv + biases,
-        (False, True): conv + ['fc.weight', 'fc.bias'],
-        (True, True): conv + biases + ['fc.weight'],
+        (False, False): ['conv.weight'],
+        (True, False): ['conv.weight'] + one_d,                     # the fc bias is 1-D: it comes with bias
+        (False, True): ['conv.weight', 'fc.weight'],                # fc adds only the 2-D weight
+        (True, True): names,
     }
-    for (bias, fc), names in cases.items():
+    assert GRAD_WEIGHT == 0.001
+    for (bias, fc), chosen in cases.items():
         loss = gradient_match_loss(model, real, labels, fake, labels, 'mse', bias=bias, fc=fc)
-        assert torch.allclose(loss, mse(set(names)), rtol=1e-5), (bias, fc)
+        assert torch.allclose(loss, expected(chosen), rtol=1e-5), (bias, fc)
+    # all the 1-D gradients really differ, so leaving one out would show
+    assert all(((gr[n] - gf[n]) ** 2).sum() > 1e-6 * ((gr['conv.weight'] - gf['conv.weight']) ** 2).sum()
+               for n in one_d)
 
 
 def test_gradient_match_metric_values(setup):
@@ -228,15 +357,19 @@ def test_gradient_match_metric_values(setup):
         return torch.autograd.grad(F.cross_entropy(model(x), labels), params)
 
     gr, gf = grads(real), grads(fake)
-    expected = {
-        'l1': sum((a - b).abs().sum() for a, b in zip(gr, gf)),
-        'mse': sum(((a - b) ** 2).sum() for a, b in zip(gr, gf)),
-        'l1_mean': sum((a - b).abs().mean() for a, b in zip(gr, gf)),
-        'cos': sum((1 - (a * b).flatten(1).sum(1) / (a.flatten(1).norm(dim=1) * b.flatten(1).norm(dim=1))).sum()
-                   for a, b in zip(gr, gf)),
-    }
-    for metric, value in expected.items():
-        assert torch.allclose(gradient_match_loss(model, real, labels, fake, labels, metric), value, rtol=1e-4), metric
+    for metric in ('l1', 'mse', 'l1_mean', 'cos'):
+        expected = 0.001 * sum(hand_dist(a, b, metric) for a, b in zip(gr, gf))
+        loss = gradient_match_loss(model, real, labels, fake, labels, metric)
+        assert torch.allclose(loss, expected, rtol=1e-4), metric
+
+
+def test_gradient_match_unused_parameter_is_skipped():
+    torch.manual_seed(0)
+    model = ConvBNLinear()
+    model.unused = nn.Conv2d(3, 3, 1)                    # 4-D, selected, but no gradient on either side
+    x, labels = torch.randn(4, 3, 6, 6), torch.arange(4)
+    loss = gradient_match_loss(model, x, labels, x.clone(), labels, 'l1')
+    assert torch.isfinite(loss) and abs(loss.item()) < 1e-6
 
 
 def test_gradient_match_unknown_metric(setup):
@@ -247,22 +380,6 @@ def test_gradient_match_unknown_metric(setup):
 
 def test_match_losses_registry():
     assert MATCH_LOSSES == {'logit': logit_match_loss, 'feat': feature_match_loss, 'grad': gradient_match_loss}
-
-
-def test_cos_metric_edge_cases():
-    cos = GRAD_METRICS['cos']
-    # channel 0 orthogonal -> 1; channel 1 has no gradient on either side -> left out
-    assert torch.allclose(cos(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])),
-                          torch.tensor(1.0))
-    # opposite channels -> 2, parallel ones -> 0 whatever their lengths
-    assert torch.allclose(cos(torch.tensor([[1.0, 2.0]]), torch.tensor([[-2.0, -4.0]])), torch.tensor(2.0))
-    assert torch.allclose(cos(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 6.0]])), torch.tensor(0.0), atol=1e-6)
-    # a 1-D parameter is one vector, not per-element signs
-    assert torch.allclose(cos(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])), torch.tensor(1 - 2 ** -0.5))
-    # finite gradient through an all-zero channel
-    gf = torch.zeros(2, 3, requires_grad=True)
-    cos(torch.ones(2, 3), gf + torch.tensor([[1.0, 0, 0], [0, 0, 0]])).backward()
-    assert torch.isfinite(gf.grad).all()
 
 
 def test_losses_under_autocast(setup):

@@ -10,6 +10,11 @@ augment ``torch.cat([real, fake])`` in this mode so that both halves see the sam
 transform ("siamese"); otherwise the loss would measure the augmentation noise
 instead of the real/fake gap. ``batch=False`` draws independently per image
 (classifier training).
+
+Geometric ops, as the reference: ``crop`` shifts by an integer in x and y and
+``translate`` along the width (last) axis only, each up to round(0.125 * side)
+pixels with zeros shifted in; ``scale`` and ``rotate`` are bilinear affine warps
+(``affine_grid`` / ``grid_sample`` with ``align_corners=False``, zero padding).
 """
 from __future__ import annotations
 
@@ -103,9 +108,9 @@ def rand_crop(x: Tensor, batch: bool) -> Tensor:
 
 
 def rand_translate(x: Tensor, batch: bool) -> Tensor:
-    # height axis only
-    s = _max_shift(x.shape[2])
-    return _shift_rows(x, _randint(x, batch, -s, s + 1))
+    # width (last) axis only, by an integer in [-s, s], s = round(0.125 * W)
+    s = _max_shift(x.shape[3])
+    return _shift_cols(x, _randint(x, batch, -s, s + 1))
 
 
 # ---------------------------------------------------------------------------
@@ -139,15 +144,16 @@ def rand_flip(x: Tensor, batch: bool) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# affine warps (bilinear, zero padding)
+# affine warps (bilinear, zero padding, torch's default align_corners=False as
+# in the reference: -1 and 1 are the outer edges of the border pixels)
 # ---------------------------------------------------------------------------
 def _warp(x: Tensor, theta: Tensor) -> Tensor:
     theta = theta.expand(x.shape[0], 2, 3).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # autocast may run these in float32; grid_sample wants input and grid to
     # agree, and casting back keeps every op dtype-preserving (the output dtype
     # must not depend on which op was drawn)
-    return F.grid_sample(x, grid.to(x.dtype), align_corners=True).to(x.dtype)
+    return F.grid_sample(x, grid.to(x.dtype), align_corners=False).to(x.dtype)
 
 
 def _theta(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:

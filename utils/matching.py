@@ -2,8 +2,11 @@
 
 All match losses treat the real side as data (no graph is kept for it) and keep
 the graph of the fake side, so the loss trains the generator through ``model``.
-Augmentation, when given, is applied to ``torch.cat([real, fake])`` in batch
-(siamese) mode so both halves get the same transform.
+Augmentation, when given (logit and feature matching), is applied to
+``torch.cat([real, fake])`` in batch (siamese) mode so both halves get the same
+transform; callers may instead augment the pair themselves and pass none.
+Feature and gradient matching measure with ``dist`` (``METRICS``) and weight
+each layer / parameter tensor by 0.001, as the reference does.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ['gradient_penalty', 'logit_match_loss', 'feature_match_loss',
-           'gradient_match_loss', 'MATCH_LOSSES', 'GRAD_METRICS']
+           'gradient_match_loss', 'MATCH_LOSSES', 'METRICS', 'dist']
 
 LOGIT_WEIGHT = 0.01
-FEATURE_WEIGHT = 0.001
-COS_EPS = 1e-6
+FEATURE_WEIGHT = 0.001   # per layer of feature matching
+GRAD_WEIGHT = 0.001      # per parameter tensor of gradient matching
+COS_EPS = 1e-6           # added to the norm product of the cos distance
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -91,79 +95,102 @@ def logit_match_loss(model: nn.Module, real: Tensor, fake: Tensor,
     return LOGIT_WEIGHT * ((real_logp - fake_logp) ** 2).mean()
 
 
-def _layer_range(n: int, idx_from: int, idx_to: int) -> slice:
-    # inclusive range; negative indices count from the end (-1 = last layer)
-    start, stop = idx_from % n, idx_to % n + 1
-    if start >= stop:
-        raise ValueError(f'empty layer range [{idx_from}, {idx_to}] for {n} layers')
-    return slice(start, stop)
+def _metric_fn(metric: str) -> Callable[[Tensor, Tensor], Tensor]:
+    try:
+        return METRICS[metric]
+    except KeyError:
+        raise ValueError(f'unknown metric {metric!r}; valid metrics: {sorted(METRICS)}') from None
 
 
-def feature_match_loss(model: nn.Module, real: Tensor, fake: Tensor, augment: Callable | None = None,
-                       idx_from: int = 0, idx_to: int = -1) -> Tensor:
-    """``0.001 * sum_layers sum((mean_batch f(real) - mean_batch f(fake))^2)``.
-
-    ``model.features(x)`` returns a list of activations; layers ``idx_from`` to
-    ``idx_to`` are used, both inclusive. Only batch means are compared, so the
-    two batch sizes may differ.
-    """
-    real_x, fake_x = _augment_pair(real, fake, augment)
-    with torch.no_grad():
-        real_feats = model.features(real_x)
-    fake_feats = model.features(fake_x)
-    layers = _layer_range(len(fake_feats), idx_from, idx_to)
-    dist = [((_fp32(r).mean(0) - _fp32(f).mean(0)) ** 2).sum()
-            for r, f in zip(real_feats[layers], fake_feats[layers])]
-    return FEATURE_WEIGHT * torch.stack(dist).sum()
+def _rows(x: Tensor) -> int:
+    # the first dimension indexes the rows; a 0-d tensor is one row of one element
+    return x.shape[0] if x.dim() > 0 else 1
 
 
-def _cos_distance(gr: Tensor, gf: Tensor) -> Tensor:
-    """Sum over output channels of 1 - cosine similarity."""
-    # A 1-D parameter (a bias) is compared as one vector: per element, the
-    # cosine of two scalars is only their sign agreement and has no gradient.
-    rows = gr.shape[0] if gr.dim() > 1 else 1
-    gr, gf = gr.reshape(rows, -1), gf.reshape(rows, -1)
-    nr, nf = gr.norm(dim=1), gf.norm(dim=1)
-    # The cosine is undefined for a (near) zero gradient: a dead unit, or a conv
-    # bias right before BatchNorm. Such channels are left out (the additive-eps
-    # form would count them as a constant 1, with the same zero gradient), so
-    # identical gradients give 0; the clamp only keeps the division finite.
-    defined = (nr > COS_EPS) & (nf > COS_EPS)
-    cos = (gr * gf).sum(1) / (nr.clamp_min(COS_EPS) * nf.clamp_min(COS_EPS))
-    return ((1 - cos) * defined).sum()
+def _cos(x: Tensor, y: Tensor) -> Tensor:
+    # per row of the [first dim, -1] view; a 1-D tensor gives one row per element,
+    # so each element contributes 1 - sign agreement (and 1 where either is zero)
+    x, y = x.reshape(_rows(x), -1), y.reshape(_rows(y), -1)
+    cos = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + COS_EPS)
+    return (1 - cos).sum()
 
 
-GRAD_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    'l1': lambda gr, gf: (gr - gf).abs().sum(),
-    'mse': lambda gr, gf: ((gr - gf) ** 2).sum(),
-    'l1_mean': lambda gr, gf: (gr - gf).abs().mean(),
-    'cos': _cos_distance,
+def _l1_mean(x: Tensor, y: Tensor) -> Tensor:
+    # mean over all dimensions but the first, summed over the first (= l1 for a 1-D tensor)
+    return (x - y).abs().reshape(_rows(x), -1).mean(1).sum()
+
+
+METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    'mse': lambda x, y: ((x - y) ** 2).sum(),
+    'l1': lambda x, y: (x - y).abs().sum(),
+    'l1_mean': _l1_mean,
+    'cos': _cos,
 }
 
 
+def dist(x: Tensor, y: Tensor, metric: str) -> Tensor:
+    """The distance of feature and gradient matching, a scalar.
+
+    ``mse``: sum of squared differences. ``l1``: sum of absolute differences.
+    ``l1_mean``: mean of ``|x - y|`` over all dimensions but the first, summed
+    over the first. ``cos``: with x, y viewed as ``[first dim, -1]``, the sum over
+    rows of ``1 - <x_i, y_i> / (|x_i| |y_i| + 1e-6)``. For a 1-D tensor the first
+    dimension is the element: ``l1_mean`` equals ``l1`` and ``cos`` compares
+    single elements.
+    """
+    return _metric_fn(metric)(x, y)
+
+
+def feature_match_loss(model: nn.Module, real: Tensor, fake: Tensor, idx_from: int = 0, idx_to: int = -1,
+                       metric: str = 'l1', augment: Callable | None = None) -> Tensor:
+    """``0.001 * sum_layers dist(mean_batch f(real), mean_batch f(fake), metric)``.
+
+    ``model.features(x)`` returns the list of layer outputs; layers ``idx_from``
+    to ``idx_to`` are used, both inclusive, and ``idx_to == -1`` means
+    ``idx_to = idx_from`` (one layer). Only batch means are compared, so the two
+    batch sizes may differ. Real features carry no gradient.
+    """
+    metric_fn = _metric_fn(metric)
+    real_x, fake_x = _augment_pair(real, fake, augment)
+    with torch.no_grad():
+        real_feats = model.features(real_x)
+    n = len(real_feats)
+    if idx_to == -1:
+        idx_to = idx_from
+    if not 0 <= idx_from <= idx_to < n:
+        raise ValueError(f'feature layers [{idx_from}, {idx_to}] out of range: the model has {n} layers '
+                         f'(indices 0..{n - 1}, idx_from <= idx_to, idx_to = -1 for idx_from alone)')
+    fake_feats = model.features(fake_x)
+    d = [metric_fn(_fp32(real_feats[i]).mean(0), _fp32(fake_feats[i]).mean(0))
+         for i in range(idx_from, idx_to + 1)]
+    return FEATURE_WEIGHT * torch.stack(d).sum()
+
+
 def _matched_params(model: nn.Module, bias: bool, fc: bool) -> list[nn.Parameter]:
-    # conv kernels always; 1-D biases and the classifier ('fc.*') are opt-in
+    # by dimension, as the reference: 1-D tensors (biases and norm weights) only
+    # with ``bias``, 2-D tensors (linear weights) only with ``fc``, all others
+    # (conv kernels) always
     chosen = []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if (p.dim() == 4
-                or (bias and p.dim() == 1 and name.split('.')[-1] == 'bias')
-                or (fc and name.startswith('fc.'))):
-            chosen.append(p)
+        if (p.dim() == 1 and not bias) or (p.dim() == 2 and not fc):
+            continue
+        chosen.append(p)
     return chosen
 
 
 def gradient_match_loss(model: nn.Module, real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor,
                         metric: str = 'l1', bias: bool = False, fc: bool = False) -> Tensor:
-    """Distance between the CE-loss parameter gradients on real and on fake data.
+    """``0.001 * sum_params dist(dCE(real)/dp, dCE(fake)/dp, metric)``.
 
-    The fake gradients keep their graph (``create_graph=True``) so the distance
-    backpropagates into ``fake``; the real gradients are constants.
+    Parameters are picked by dimension: 1-D tensors (biases, norm weights) only
+    with ``bias``, 2-D tensors (linear weights) only with ``fc``, the others
+    (conv kernels) always. The fake gradients keep their graph
+    (``create_graph=True``) so the distance backpropagates into ``fake``; the real
+    gradients are constants.
     """
-    if metric not in GRAD_METRICS:
-        raise ValueError(f'unknown metric {metric!r}; valid metrics: {sorted(GRAD_METRICS)}')
-    dist_fn = GRAD_METRICS[metric]
+    metric_fn = _metric_fn(metric)
     params = _matched_params(model, bias, fc)
     if not params:
         raise ValueError('no parameters to match (no conv weights, and bias/fc not selected)')
@@ -174,11 +201,11 @@ def gradient_match_loss(model: nn.Module, real: Tensor, real_labels: Tensor, fak
     g_fake = torch.autograd.grad(loss_fake, params, create_graph=True, allow_unused=True)
 
     # a parameter the forward does not use has no gradient on either side
-    dist = [dist_fn(_fp32(gr.detach()), _fp32(gf))
-            for gr, gf in zip(g_real, g_fake) if gr is not None and gf is not None]
-    if not dist:
+    d = [metric_fn(_fp32(gr.detach()), _fp32(gf))
+         for gr, gf in zip(g_real, g_fake) if gr is not None and gf is not None]
+    if not d:
         raise ValueError('none of the matched parameters received a gradient')
-    return torch.stack(dist).sum()
+    return GRAD_WEIGHT * torch.stack(d).sum()
 
 
 MATCH_LOSSES: dict[str, Callable[..., Tensor]] = {
