@@ -5,7 +5,13 @@ from models.staged import StagedNet
 
 
 class ConvNet(StagedNet):
-    """`depth` x [Conv3x3 -> InstanceNorm -> ReLU -> AvgPool2] -> Linear."""
+    """`depth` x [Conv3x3 -> InstanceNorm -> ReLU -> AvgPool2] -> Linear.
+
+    `features(x)` is the output of each block (after its pooling), as in the official layer list.
+    """
+
+    feature_stem = False  # the stem is an Identity: its "output" is the input image
+    feature_head = False
 
     def __init__(self, num_classes, channels, img_size, width=128, depth=3):
         super().__init__()

@@ -30,6 +30,10 @@ def _transition(in_planes, out_planes):
 
 
 class DenseNet(StagedNet):
+    """`features(x)`: the official code defines no layer list for DenseNet, so it follows the
+    ResNet convention: stem output, the four dense blocks' outputs (each after its transition;
+    the last after its final BN-ReLU), the pooled vector, the logits (7 entries)."""
+
     def __init__(self, num_classes, channels, num_blocks=(6, 12, 24, 16), growth=12, reduction=0.5):
         super().__init__()
         planes = 2 * growth

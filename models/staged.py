@@ -1,20 +1,39 @@
 """The shape every classifier here shares: stem -> stages -> pool -> fc."""
-import torch
 import torch.nn as nn
 
 
 class StagedNet(nn.Module):
-    """Subclasses set `stem`, `stages` (a ModuleList), `pool` and `fc`. `features()` exposes each
-    stage's output and the pooled embedding, which feature matching compares layer by layer."""
+    """Subclasses set `stem`, `stages` (a ModuleList), `pool` and `fc`.
+
+    `features(x)` returns the layer list that feature matching (`--match feat`) indexes, in the
+    official `get_feature` order: [stem output] + one entry per stage + [pooled vector, logits].
+    The two class flags below say which of the bracketed extras an architecture reports:
+    ResNet has both (7 entries), ResNetAP only the stem (5), ConvNet neither (its 3 blocks).
+    `forward(x)` computes the logits alone and never builds the list.
+    """
+
+    feature_stem = True  # the list starts with the stem's output
+    feature_head = True  # the list ends with the pooled, flattened vector and the logits
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(self.flat(x))
+
+    def flat(self, x):
+        # contiguous() first: under channels-last the pooled map is not NCHW-contiguous, and torch 2.14's
+        # compiled graphs trace flatten as a view that then fails at run time ("view size is not
+        # compatible"). The values are those of a plain flatten in NCHW order either way.
+        return self.pool(x).contiguous().flatten(1)
 
     def features(self, x):
         x = self.stem(x)
-        feats = []
+        feats = [x] if self.feature_stem else []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        feats.append(torch.flatten(self.pool(x), 1))
+        if self.feature_head:
+            x = self.flat(x)
+            feats += [x, self.fc(x)]
         return feats
-
-    def forward(self, x):
-        return self.fc(self.features(x)[-1])
