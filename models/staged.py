@@ -1,4 +1,5 @@
 """The shape every classifier here shares: stem -> stages -> pool -> fc."""
+import torch
 import torch.nn as nn
 
 
@@ -22,10 +23,11 @@ class StagedNet(nn.Module):
         return self.fc(self.flat(x))
 
     def flat(self, x):
-        # contiguous() first: under channels-last the pooled map is not NCHW-contiguous, and torch 2.14's
-        # compiled graphs trace flatten as a view that then fails at run time ("view size is not
-        # compatible"). The values are those of a plain flatten in NCHW order either way.
-        return self.pool(x).contiguous().flatten(1)
+        # An explicit NCHW copy first: under channels-last, torch 2.14's compiled graphs believe the
+        # pooled map is NCHW-contiguous (so .contiguous() is traced away) and trace flatten as a view,
+        # which fails at run time on the real channels-last tensor ("view size is not compatible").
+        # The values are those of a plain flatten either way.
+        return self.pool(x).clone(memory_format=torch.contiguous_format).flatten(1)
 
     def features(self, x):
         x = self.stem(x)
