@@ -4,6 +4,8 @@
 
 Every epoch writes results/<tag>/outputs/img_<epoch>.png; every --eval-interval epochs writes
 results/<tag>/model_dict_<epoch>.pth and validates the generator (classifiers trained on its images).
+Epochs are numbered from 0 in file names, as the official code names them: with the defaults the
+files are model_dict_9.pth, model_dict_19.pth, ..., model_dict_149.pth and img_0.png ... img_149.png.
 """
 from data.datasets import to_gan_range
 from utils import distributed
@@ -41,7 +43,7 @@ def train(r):
                 r.after_iteration(train_iteration(r, images, labels))
             r.end_epoch()
             if r.epoch % args.eval_interval == 0:
-                r.save(f'model_dict_{r.epoch}.pth')
+                r.save(f'model_dict_{r.epoch - 1}.pth')  # the epoch's index from 0, the official name
                 r.validate_pending = True
             r.save(LAST)  # before validating: a stop during validation resumes into the same validation
         if r.validate_pending:

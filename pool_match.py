@@ -1,7 +1,7 @@
 """Stage 2 of DiM: fine-tune the GAN so a random pool of classifiers gives the same logits on real and
 generated images.
 
-    python pool_match.py --tag match --match logit --match-aug --weight results/gan/model_dict_150.pth
+    python pool_match.py --tag match --match logit --match-aug --weight results/gan/model_dict_149.pth
 
 Each epoch draws one pool model; per batch it takes --epochs-match-train SGD steps on real data, then
 the generator steps on its GAN loss plus the match term. Every --eval-interval epochs the generator is
@@ -17,7 +17,7 @@ from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.augment import make_augment, normalize
 from utils.checkpoint import LAST
-from utils.cli import add_resume_flags, run, stage_parser, str2bool
+from utils.cli import add_match_flags, add_resume_flags, run, stage_parser
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.graphs import GraphedStep, capture_problem
@@ -29,21 +29,17 @@ POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
 
 
 def get_parser():
-    p = stage_parser(__doc__.splitlines()[0], batch_size=64, epochs=100, lr=5e-6)
-    g = p.add_argument_group('matching')
+    p = stage_parser(__doc__.splitlines()[0], batch_size=64, epochs=100, lr=5e-6, matching=True)
+    g = add_match_flags(p, acting=True)
     g.add_argument('--match', default='logit', choices=('logit', 'feat', 'grad'),
                    help="what the pool model compares (the official parser's default was 'grad'; the "
                         "paper and its README use 'logit')")
-    g.add_argument('--match-aug', action='store_true', help='siamese augmentation of real and generated batches')
-    g.add_argument('--metric', default='l1', choices=('l1', 'mse', 'l1_mean', 'cos'), help='--match grad distance')
-    g.add_argument('--bias', type=str2bool, nargs='?', const=True, default=False, help='--match grad: bias gradients too')
-    g.add_argument('--fc', type=str2bool, nargs='?', const=True, default=False, help='--match grad: fc gradients too')
     g.add_argument('--idx-from', type=int, default=0, help='--match feat: first pool-model layer matched')
-    g.add_argument('--idx-to', type=int, default=-1, help='--match feat: last layer matched (-1: the last)')
-    g.add_argument('--epochs-match-train', type=int, default=16,
-                   help='SGD steps of the pool model on real batches per generator step')
+    g.add_argument('--idx-to', type=int, default=-1,
+                   help='--match feat: last layer matched, inclusive (-1: --idx-from, one layer)')
     g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
-    g.add_argument('--pool-lr', type=float, default=0.01, help='SGD learning rate of the pool model')
+    g.add_argument('--pool-lr', type=float, default=None,
+                   help='SGD learning rate of the pool model (None: --eval-lr, as the official code)')
     g.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
                    help="replay the --epochs-match-train pool steps from one CUDA graph (one launch instead "
                         "of thousands; same computation). Off by default: not yet measured on a GPU")
@@ -88,7 +84,8 @@ class Pool:
         fast = self.r.fast
         self.name = name
         self.model = build_classifier(name, self.r.info, self.r.device, fast)
-        self.opt = classifier_optimizer(self.model, self.args.pool_lr, **fast.optimizer_kwargs(torch.optim.SGD))
+        self.opt = classifier_optimizer(self.model.parameters(), self.args, lr=self.args.pool_lr,
+                                        **fast.optimizer_kwargs(torch.optim.SGD))
         # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
         self.net = distributed.wrap(fast.compiled(self.model))
         if self.graphed is not None:
@@ -101,25 +98,27 @@ class Pool:
     def to_pool_input(self, x):
         # As in the reference, the pool model sees the GAN's [-1, 1] images normalised again with the
         # dataset statistics (the validation classifiers see [0, 1] images normalised the same way).
-        return normalize(x, self.r.info.mean, self.r.info.std)
+        # In float32 whatever --amp made of x: real and generated halves get the same constants.
+        return normalize(x.float(), self.r.info.mean, self.r.info.std)
 
     def train_steps(self):
-        """--epochs-match-train SGD steps on random real batches (each one the first batch of a fresh
-        shuffled pass, as re-iterating the reference's loader gave)."""
+        """--epochs-match-train SGD steps on the first batches of a fresh shuffled pass over the real
+        training set (disjoint batches, as the official code restarts its loader for every generator step)."""
         self.model.train()
         (self.graphed or self._train_steps)()
 
     def _train_steps(self):
-        for images, labels in self.r.train_stream.random_batches(self.args.epochs_match_train):
+        for images, labels in self.r.train_stream.first_batches(self.args.epochs_match_train):
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
             classifier_step(self.net, self.opt, x, labels, self.train_ctx, self.scaler)
 
     def match_loss(self, real, fake, labels):
         """Train the pool model, then compare it on real and generated images; gradients reach G."""
         self.train_steps()
-        real, fake = self.to_pool_input(real), self.to_pool_input(fake)
         if self.args.match_aug:  # one draw for both halves: the same transform on pair i
-            real, fake = self.match_aug(torch.cat([real, fake])).chunk(2)
+            real, fake = self.match_aug(torch.cat([self.to_pool_input(real), self.to_pool_input(fake)])).chunk(2)
+        else:  # as the official code: the [-1, 1] images unnormalised, though the pool model trains on normalised ones
+            real, fake = real.float(), fake.float()
         if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params
             return gradient_match_loss(eager(self.model), real, labels, fake, labels, self.args.metric,
                                        self.args.bias, self.args.fc).float()
@@ -129,7 +128,7 @@ class Pool:
                 if self.args.match == 'logit':
                     return logit_match_loss(self.net, real, fake).float()
                 return feature_match_loss(self.model, real, fake, idx_from=self.args.idx_from,
-                                          idx_to=self.args.idx_to).float()
+                                          idx_to=self.args.idx_to, metric=self.args.metric).float()
         finally:
             self.model.requires_grad_(True)
 

@@ -16,9 +16,9 @@ import os
 
 from models import Generator
 from utils.checkpoint import check_compatible, gan_configs, load_checkpoint, load_state
-from utils.cli import check_positive, run, stage_parser
+from utils.cli import add_match_flags, check_positive, run, stage_parser
 from utils.errors import UserError
-from utils.evaluate import iterations_per_epoch
+from utils.evaluate import default_test_bn, iterations_per_epoch
 from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
 from utils.runlog import RunLog
 from utils.runtime import autocast, resolve_amp, seed_everything, select_device, setup_backend
@@ -30,6 +30,7 @@ REPORT = 'eval.json'
 def get_parser():
     p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=250, lr=1e-4)
     p.add_argument('--pretrain-weight', default='', help='generator checkpoint (stage 1 or 2)')
+    add_match_flags(p, acting=False)
     g = p.add_argument_group('evaluation protocol (docs/EVALUATION.md)')
     g.add_argument('--protocol', default=None, choices=PROTOCOLS,
                    help="onthefly: fresh generated images every batch (the paper's); fixed: ipc images per "
@@ -54,6 +55,7 @@ def resolve_protocol(args):
         args.protocol = 'fixed'
     elif args.protocol is None:
         args.protocol = 'onthefly'
+    args.test_bn = args.test_bn or default_test_bn(args.protocol)
     check_positive(args, 'num_eval')
 
 
@@ -82,11 +84,12 @@ def main():
         iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration=False)
         print(f"validate {what} on {info.name}, protocol onthefly: ipc {args.ipc}, one epoch = {iters} "
               f"iterations x {args.batch_size} = {iters * args.batch_size} generated images, "
-              f"{args.epochs_eval} epochs, {args.num_eval} seed(s), device {device}, amp {args.amp}")
+              f"{args.epochs_eval} epochs, {args.num_eval} seed(s), test BN {args.test_bn}, device {device}, "
+              f"amp {args.amp}")
     else:
         size = 'all' if args.baseline == 'full' else args.ipc
         print(f"validate {what} on {info.name}, protocol fixed: ipc {size}, {args.epochs_eval} epochs, "
-              f"{args.num_eval} seed(s), device {device}, amp {args.amp}")
+              f"{args.num_eval} seed(s), test BN {args.test_bn}, device {device}, amp {args.amp}")
     try:
         report = run_evaluation(args, info, train_split, test_split, device, autocast(args.amp, device), G=G,
                                 checkpoint=args.pretrain_weight or None, runlog=runlog)

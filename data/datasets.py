@@ -268,24 +268,32 @@ class BatchStream:
             yield (self.images[idx].to(self.device, non_blocking=True),
                    self.labels[idx].to(self.device, non_blocking=True))
 
-    def random_batch(self):
-        """The first batch of a fresh shuffled pass (what re-iterating a shuffled DataLoader gives)."""
-        return next(self.random_batches(1))
-
-    def random_batches(self, count):
-        """`count` such batches, independent, drawn at once where the images are: each batch is the
-        indices of the `batch_size` largest of fresh uniform keys -- a uniformly random subset in
-        uniformly random order, as a fresh permutation's first batch. This uses torch's global RNG of
-        that device (checkpointed with the other RNG states): a CPU permutation per batch cost
-        milliseconds of host time, and its copy to the GPU waited for the GPU."""
-        keys = torch.rand(count, len(self.labels), device=self.images.device)
-        for idx in keys.topk(self.batch_size, dim=1).indices:
+    def first_batches(self, count):
+        """The first `count` batches of a fresh shuffled pass (fewer if a pass has fewer): the pool
+        model's training batches of one generator step. The official code restarts its shuffled,
+        drop-last loader for every generator step and stops after --epochs-match-train batches, so the
+        batches are disjoint. The pass is the argsort of float64 uniform keys (ties practically never
+        happen) drawn where the images are, with torch's global RNG of that device (checkpointed with
+        the other RNG states): a CPU randperm cost milliseconds of host time per step, and its copy to
+        the GPU waited for the GPU."""
+        count = min(count, len(self))
+        order = pass_order(len(self.labels), self.images.device)
+        for idx in order[:count * self.batch_size].view(count, self.batch_size):
             yield (self.images[idx].to(self.device, non_blocking=True),
                    self.labels[idx].to(self.device, non_blocking=True))
 
 
-def test_batches(split, device, batch_size=500):
-    """The test set in order (no shuffle), on the device."""
+def pass_order(n, device, generator=None):
+    """A uniformly random permutation of range(n) on `device`, from sorting uniform float64 keys
+    (no host round trip on a GPU, and a CUDA graph can replay it)."""
+    return torch.rand(n, dtype=torch.float64, device=device, generator=generator).argsort()
+
+
+TEST_BATCH = 500  # test batch size where it changes nothing but speed (BatchNorm in eval mode)
+
+
+def test_batches(split, device, batch_size=TEST_BATCH):
+    """The test set in order (no shuffle, the last batch smaller), on the device."""
     for i in range(0, len(split), batch_size):
         yield (split.images[i:i + batch_size].to(device, non_blocking=True),
                split.labels[i:i + batch_size].to(device, non_blocking=True))

@@ -12,7 +12,7 @@ echo "== stage 1: conditional GAN (gen_condense.py)"
 $PY gen_condense.py "${SMALL[@]}" --tag quickstart-gan --lr 1e-3 --epochs 10 --eval-interval 10 --epochs-eval 50 --print-freq 22
 echo "== stage 2: pool matching (pool_match.py)"
 $PY pool_match.py "${SMALL[@]}" --tag quickstart-match --match logit --match-aug \
-    --weight results/quickstart-gan/model_dict_10.pth --epochs 1 --eval-interval 1 --epochs-match-train 4 \
+    --weight results/quickstart-gan/model_dict_9.pth --epochs 1 --eval-interval 1 --epochs-match-train 4 \
     --epochs-eval 50 --print-freq 11
 echo "== stage 3: validation (validate.py)"
 $PY validate.py "${SMALL[@]}" --tag quickstart-test --pretrain-weight results/quickstart-match/model_dict_convnet.pth \

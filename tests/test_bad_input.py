@@ -41,6 +41,10 @@ CASES = {
     'batch larger than the data': (S1, base() + ['--batch-size', '1000']),
     'noise smaller than the classes': (S1, base() + ['--dim-noise', '2']),
     'class count the data lacks': (S1, base() + ['--num-classes', '5']),
+    'negative momentum': (S3, base() + ['--baseline', 'random', '--momentum', '-0.1']),
+    'negative weight decay': (S1, base() + ['--weight-decay', '-1e-4']),
+    'pool learning rate 0': (S2, base() + ['--weight', GOOD, '--pool-lr', '0']),
+    'unknown test BN mode': (S3, base() + ['--baseline', 'random', '--test-bn', 'eval']),
     'stage 2 without weights': (S2, base()),
     'validate without weights': (S3, base()),
     # checkpoints

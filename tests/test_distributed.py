@@ -90,11 +90,11 @@ def test_shards_of_every_batch_make_the_single_process_batch():
         torch.testing.assert_close(torch.cat([p[i][0] for p in parts]), images)
     seen = torch.cat([torch.cat([b[1] for b in p]) for p in parts])
     assert len(seen.unique()) == len(seen)  # disjoint
-    # pool-model batches: the ranks' slices of each random global batch are disjoint and make a whole batch
-    for parts in zip(*[list(s.random_batches(3)) for s in shards]):
-        images = torch.cat([p[0] for p in parts])
-        assert len(images) == single.batch_size
-        assert len({tuple(x.flatten().tolist()) for x in images}) == single.batch_size
+    # pool-model batches: the ranks' slices of each global batch make a whole batch, and the global
+    # batches of one generator step are disjoint (one pass)
+    pool = [torch.cat([p[0] for p in parts]) for parts in zip(*[list(s.first_batches(3)) for s in shards])]
+    assert len(pool) == 3 and all(len(images) == single.batch_size for images in pool)
+    assert len({tuple(x.flatten().tolist()) for x in torch.cat(pool)}) == 3 * single.batch_size
     with pytest.raises(UserError):
         distributed.ShardedStream(_stream(batch=10), 0, 3)
 
@@ -254,7 +254,7 @@ def test_torchrun_two_processes_one_set_of_outputs(tmp_path):
     out = _torchrun('gen_condense.py', tmp, '--tag', 's1')
     assert out.count('stage 1:') == 1 and out.count('data-parallel: 2 processes (gloo)') == 1, out
     results, logs = os.path.join(tmp, 'results', 's1'), os.path.join(tmp, 'logs', 's1')
-    assert _files(results) == ['last.pth', 'model_dict_1.pth', 'outputs/img_1.png']
+    assert _files(results) == ['last.pth', 'model_dict_0.pth', 'outputs/img_0.png']
     files = _files(logs)  # one args.json, one logs.txt, one tensorboard file
     assert len(files) == 3 and files[0] == 'args.json' and files[2] == 'logs.txt', files
     assert files[1].startswith('events.out.tfevents.'), files
@@ -264,11 +264,11 @@ def test_torchrun_two_processes_one_set_of_outputs(tmp_path):
     ckpt = _check_checkpoint(os.path.join(results, 'last.pth'))
     assert ckpt['iteration'] == 1437 // 480 and ckpt['epoch'] == 1 and not ckpt['validate_pending']
 
-    out = _torchrun('pool_match.py', tmp, '--tag', 's2', '--weight', os.path.join(results, 'model_dict_1.pth'),
+    out = _torchrun('pool_match.py', tmp, '--tag', 's2', '--weight', os.path.join(results, 'model_dict_0.pth'),
                     '--pool', 'resnet10', '--epochs-match-train', '1')  # BatchNorm buffers under DDP too
     assert out.count('stage 2:') == 1 and out.count('epoch 1: pool model resnet10') == 1, out
     results = os.path.join(tmp, 'results', 's2')
-    assert _files(results) == ['last.pth', 'model_dict_resnet10.pth', 'outputs/img_1.png']
+    assert _files(results) == ['last.pth', 'model_dict_resnet10.pth', 'outputs/img_0.png']
     assert len(_files(os.path.join(tmp, 'logs', 's2'))) == 3
     with open(os.path.join(tmp, 'logs', 's2', 'logs.txt')) as f:
         assert f.read().count('stage 2:') == 1

@@ -24,7 +24,7 @@ CPU = torch.device('cpu')
 NOCTX = torch.autocast('cpu', enabled=False)
 REPORT_KEYS = {'format', 'protocol', 'method', 'dataset', 'num_classes', 'ipc', 'train_images', 'architectures',
                'num_eval', 'seeds', 'set_seed', 'generator_checkpoint', 'generator_sha256', 'recipe',
-               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds'}
+               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds', 'test_bn'}
 ROW_KEYS = {'architecture', 'seeds', 'stacked', 'wall_seconds', 'test_curves'} | {
     f'{k}{s}' for k in ('top1', 'best_top1', 'top5', 'best_top5') for s in ('', '_mean', '_std')}
 
@@ -46,7 +46,8 @@ def gen_ckpt(tmp_path_factory, digits):
 def make_args(**kw):
     base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, no_stack=False, ipc=1,
                 epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
-                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off')
+                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
+                weight_decay=5e-4, test_bn='running')
     base.update(kw)
     return Namespace(**base)
 
@@ -166,8 +167,8 @@ def test_baselines_random_and_full(digits):
     for report in (rand, full):
         assert set(report) == REPORT_KEYS and set(report['rows'][0]) == ROW_KEYS
         assert report['protocol'] == 'fixed'
-    assert '| random | fixed | digits | 1 | convnet | 2 |' in markdown_table(rand)
-    assert '| full | fixed | digits | all | convnet | 1 |' in markdown_table(full)
+    assert '| random | fixed | running | digits | 1 | convnet | 2 |' in markdown_table(rand)
+    assert '| full | fixed | running | digits | all | convnet | 1 |' in markdown_table(full)
 
 
 def test_onthefly_single_seed_is_the_former_validation(digits, gen_ckpt):
@@ -201,7 +202,7 @@ def test_validate_end_to_end_fixed_two_seeds(gen_ckpt, tmp_path):
     env = {**os.environ, 'PYTHONPATH': str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'selected on test' in proc.stdout and '| dim | fixed | digits | 1 | convnet | 2 |' in proc.stdout
+    assert 'selected on test' in proc.stdout and '| dim | fixed | running | digits | 1 | convnet | 2 |' in proc.stdout
     with open(tmp_path / 'results' / 'e2e' / 'eval.json') as f:
         report = json.load(f)
     assert set(report) == REPORT_KEYS and set(report['rows'][0]) == ROW_KEYS

@@ -20,7 +20,7 @@ def pipeline(tmp_path_factory):
                     '--eval-interval', STAGE1_EPOCHS, cwd=cwd)
     assert s1.returncode == 0, s1.stderr
     s2 = run_script('pool_match.py', *TINY, '--tag', 'match', '--match', 'logit', '--match-aug',
-                    '--weight', f'results/gan/model_dict_{STAGE1_EPOCHS}.pth', '--epochs', 1,
+                    '--weight', f'results/gan/model_dict_{STAGE1_EPOCHS - 1}.pth', '--epochs', 1,
                     '--eval-interval', 1, '--epochs-match-train', 1, '--pool', 'convnet', 'resnet18_ap', cwd=cwd)
     assert s2.returncode == 0, s2.stderr
     s3 = run_script('validate.py', *TINY, '--tag', 'test', '--pretrain-weight', 'results/match/model_dict_convnet.pth',
@@ -32,9 +32,9 @@ def pipeline(tmp_path_factory):
 def test_stage1_files(pipeline):
     cwd, s1, _, _ = pipeline
     res = cwd / 'results' / 'gan'
-    assert (res / f'model_dict_{STAGE1_EPOCHS}.pth').exists() and (res / 'last.pth').exists()
+    assert (res / f'model_dict_{STAGE1_EPOCHS - 1}.pth').exists() and (res / 'last.pth').exists()
     grids = sorted(os.listdir(res / 'outputs'))
-    assert grids == sorted(f'img_{e}.png' for e in range(1, STAGE1_EPOCHS + 1))
+    assert grids == sorted(f'img_{e}.png' for e in range(STAGE1_EPOCHS))  # from 0, as the official names
     # 10 rows of draws x 10 classes of 28-pixel images with 2-pixel padding
     assert Image.open(res / 'outputs' / grids[0]).size == (302, 302)
     logs = cwd / 'logs' / 'gan'
@@ -45,7 +45,7 @@ def test_stage1_files(pipeline):
 
 def test_stage1_checkpoint_describes_itself(pipeline):
     cwd, _, _, _ = pipeline
-    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', weights_only=False)
+    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS - 1}.pth', weights_only=False)
     for key in ('generator', 'discriminator', 'optim_g', 'optim_d', 'dataset', 'generator_config', 'epoch', 'args'):
         assert key in ckpt
     assert ckpt['generator_config'] == dict(num_classes=10, channels=1, img_size=28, dim_noise=100, width=WIDTH)
@@ -77,13 +77,13 @@ def test_validation_beats_chance(pipeline):
     final, best = row['top1_mean'], row['best_top1_mean']
     assert row['architecture'] == 'convnet' and best >= final
     assert final > 20.0, s3.stdout  # chance is 10% on ten classes
-    assert '| dim | onthefly | digits | 50 | convnet |' in s3.stdout  # the printed table
+    assert '| dim | onthefly | batch | digits | 50 | convnet |' in s3.stdout  # the printed table
     assert 'one epoch = 7 iterations x 64 = 448 generated images' in s3.stdout
 
 
 def test_validate_reads_an_official_format_checkpoint(pipeline, tmp_path):
     cwd = pipeline[0]
-    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', weights_only=False)
+    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS - 1}.pth', weights_only=False)
     official = {k: ckpt[k] for k in ('generator', 'discriminator', 'optim_g', 'optim_d')}
     torch.save(official, tmp_path / 'official.pth')
     out = run_script('validate.py', *TINY, '--width', WIDTH, '--tag', 'official', '--pretrain-weight', tmp_path / 'official.pth',
@@ -99,6 +99,6 @@ def test_validate_reads_an_official_format_checkpoint(pipeline, tmp_path):
 def test_checkpoint_of_other_data_is_refused(pipeline, tmp_path):
     cwd = pipeline[0]
     out = run_script('validate.py', '--data', 'mnist', '--data-dir', tmp_path, '--pretrain-weight',
-                     cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS}.pth', cwd=tmp_path)
+                     cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS - 1}.pth', cwd=tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert 'trained on digits, but --data is mnist' in out.stderr

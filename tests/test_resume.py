@@ -164,7 +164,7 @@ def test_stage1_signal_stops_resume_bit_identical(workdir, monkeypatch):
     assert run_inprocess(gen_condense, flags + ['--tag', 'cut', '--resume'], monkeypatch) == 0
 
     assert_same_state(results / 'ref' / LAST, results / 'cut' / LAST)
-    for epoch in (2, 4):
+    for epoch in (1, 3):  # after the 2nd and 4th epochs: named from 0
         assert_same_state(results / 'ref' / f'model_dict_{epoch}.pth', results / 'cut' / f'model_dict_{epoch}.pth')
     assert saved(results, 'cut')['best'] == saved(results, 'ref')['best'] != {}
 
@@ -297,8 +297,8 @@ def test_nonfinite_stop_names_step_and_last_good_checkpoint(workdir, monkeypatch
     assert saved(workdir / 'results', 'nan')['iteration'] == 8
     for path in glob.glob(str(workdir / 'results' / 'nan' / '*.pth')):
         assert _all_finite(path), path
-    assert os.path.exists(workdir / 'results' / 'nan' / 'model_dict_1.pth')
-    assert not os.path.exists(workdir / 'results' / 'nan' / 'model_dict_2.pth')
+    assert os.path.exists(workdir / 'results' / 'nan' / 'model_dict_0.pth')  # epoch 1 done (named from 0)
+    assert not os.path.exists(workdir / 'results' / 'nan' / 'model_dict_1.pth')
 
 
 def test_nonfinite_loss_stops_stage2_without_best(workdir, monkeypatch, capsys):

@@ -10,6 +10,8 @@ import sys
 from data.datasets import DATASET_CHOICES
 from utils.errors import UserError
 
+TEST_BN = ('batch', 'running')
+
 
 class Flags(argparse.Namespace):
     """The parsed flags. `given` (a slot, so not in vars(): never saved with the run's args) names the
@@ -47,8 +49,9 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got '{v}'")
 
 
-def stage_parser(description, batch_size, epochs, lr):
-    """The flags every stage shares, with the stage's own defaults."""
+def stage_parser(description, batch_size, epochs, lr, matching=False):
+    """The flags every stage shares, with the stage's own defaults. `matching`: the script runs the
+    pool matching, so --bias and --fc act (they are official flags of all three scripts)."""
     p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}',
@@ -70,18 +73,30 @@ def stage_parser(description, batch_size, epochs, lr):
     g.add_argument('--weight', default='', help='checkpoint to start from')
     g.add_argument('--seed', type=int, default=3407, help='seed of python, numpy and torch')
     g.add_argument('--print-freq', type=int, default=50, help='iterations between printed losses')
+    g.add_argument('--bias', type=str2bool, nargs='?', const=True, default=False,
+                   help=NO_EFFECT if not matching else '--match grad: match 1-D gradients too (biases, norm weights)')
+    g.add_argument('--fc', type=str2bool, nargs='?', const=True, default=False,
+                   help=NO_EFFECT if not matching else '--match grad: match 2-D gradients too (linear weights)')
 
     g = p.add_argument_group('validation (train classifiers on generated images)')
     g.add_argument('--eval-model', nargs='+', default=['convnet'], help='classifier(s) to evaluate with')
     g.add_argument('--ipc', type=int, default=50, help='images per class generated per validation epoch')
     g.add_argument('--epochs-eval', type=int, default=1000, help='epochs of each validation training')
     g.add_argument('--eval-lr', type=float, default=0.01, help='SGD learning rate of validation classifiers')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum of validation classifiers (and pool models)')
+    g.add_argument('--weight-decay', type=float, default=5e-4,
+                   help='SGD weight decay of validation classifiers (and pool models)')
     g.add_argument('--test-interval', type=int, default=200, help='validation epochs between tests')
     g.add_argument('--eval-interval', type=int, default=10, help='training epochs between validations')
     g.add_argument('--aug-type', default='color_crop_cutout', help='DSA strategy, ops joined by _')
     g.add_argument('--mixup-net', default='cut', choices=('cut', 'none'), help="'cut': CutMix in validation")
     g.add_argument('--mix-p', type=float, default=-1.0, help='CutMix probability (<= 0: never)')
     g.add_argument('--beta', type=float, default=1.0, help='CutMix Beta(beta, beta)')
+    g.add_argument('--test-bn', default=None, choices=TEST_BN,
+                   help="how BatchNorm classifiers are tested: batch = in train mode, statistics of each test "
+                        "batch of --batch-size (the official code's, transductive); running = in eval mode "
+                        "(the field's). None: batch for the on-the-fly protocol, running for --protocol fixed "
+                        "and the baselines")
 
     g = p.add_argument_group('run')
     g.add_argument('--tag', default='test', help='run name: results/<tag>/ and logs/<tag>/')
@@ -95,6 +110,31 @@ def stage_parser(description, batch_size, epochs, lr):
     add_fastpath_flags(g)
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
+
+
+# What each official flag that does nothing in a script says in its --help.
+NO_EFFECT = 'accepted for official command lines; no effect in this script, as in the official code'
+
+
+def add_match_flags(p, acting):
+    """The official matching flags. `acting`: this script matches (pool_match.py). Elsewhere, and for
+    --match-coeff, --match-model, --fix-disc and --epochs-match everywhere, they are accepted and do
+    nothing, as in the official scripts (docs: README, "Differences from the official code")."""
+    def says(text):
+        return text if acting else NO_EFFECT
+
+    g = p.add_argument_group('matching' if acting else 'official matching flags (no effect here)')
+    g.add_argument('--match-aug', action='store_true',
+                   help=says('siamese augmentation of real and generated batches before matching'))
+    g.add_argument('--metric', default='l1', choices=('l1', 'mse', 'l1_mean', 'cos'),
+                   help=says('distance of --match grad and --match feat'))
+    g.add_argument('--epochs-match-train', type=int, default=16,
+                   help=says('SGD steps of the pool model on real batches per generator step'))
+    g.add_argument('--match-coeff', type=float, default=0.001, help=NO_EFFECT)
+    g.add_argument('--match-model', default='convnet', help=NO_EFFECT)
+    g.add_argument('--fix-disc', action='store_true', help=NO_EFFECT)
+    g.add_argument('--epochs-match', type=int, default=100, help=NO_EFFECT)
+    return g
 
 
 def add_fastpath_flags(g):
@@ -131,6 +171,12 @@ def check_common(args, info, train_size):
 
     check_positive(args, 'batch_size', 'epochs', 'ipc', 'epochs_eval', 'test_interval', 'eval_interval',
                    'print_freq', 'width')
+    for name in ('momentum', 'weight_decay'):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    for name in ('eval_lr', 'pool_lr'):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_classes is not None and args.num_classes != info.num_classes:
         raise UserError(f"--num-classes {args.num_classes} but {info.name} has {info.num_classes} classes")
     if args.dim_noise < info.num_classes:

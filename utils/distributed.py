@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from data.datasets import pass_order
 from utils.errors import Interrupted, UserError
 from utils.runlog import RunLog
 
@@ -217,7 +218,7 @@ def unwrap(model):
 class ShardedStream:
     """A BatchStream whose every global batch is cut into world_size slices, this rank taking its own.
 
-    The data order (`new_order`, `random_batch`) comes from the same generator in the same state on
+    The data order (`new_order`, `first_batches`) comes from the same generator in the same state on
     every rank, so the ranks agree on it without communicating; `len()` is the number of global
     batches, as in a single process. Everything else reads through to the wrapped stream.
     """
@@ -248,19 +249,17 @@ class ShardedStream:
         for i in range(start, len(self)):
             yield self._take(self._mine(order[i * size:(i + 1) * size]))
 
-    def random_batch(self):
-        """This rank's slice of the first global batch of a fresh shuffled pass."""
-        return next(self.random_batches(1))
-
-    def random_batches(self, count):
-        """This rank's slices of `count` random global batches (the pool model's training batches).
-        Unlike a single process, which draws them from the device's global RNG, the keys come from the
-        data generator: it is in the same state on every rank (the global RNGs are per rank), so the
-        ranks agree on each global batch without communicating, and checkpoints save it."""
+    def first_batches(self, count):
+        """This rank's slices of the first `count` global batches of a fresh shuffled pass (the pool
+        model's training batches; see BatchStream.first_batches). Unlike a single process, which draws
+        the pass from the device's global RNG, the keys come from the data generator: it is in the same
+        state on every rank (the global RNGs are per rank), so the ranks agree on each global batch
+        without communicating, and checkpoints save it."""
         s = self.stream
-        keys = torch.rand(count, len(s.labels), generator=s.generator).to(s.images.device)
-        for idx in keys.topk(s.batch_size, dim=1).indices:
-            yield self._take(self._mine(idx))
+        count, size = min(count, len(s)), s.batch_size
+        order = pass_order(len(s.labels), 'cpu', s.generator)
+        for i in range(count):
+            yield self._take(self._mine(order[i * size:(i + 1) * size]))
 
 
 # -- logging ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import test_batches, to_classifier_input
+from data.datasets import TEST_BATCH, test_batches, to_classifier_input
 from models import create_model
 from utils.adversarial import generate
 from utils.augment import cutmix, make_augment, normalize
@@ -13,9 +13,11 @@ from utils.errors import Interrupted
 from utils.runtime import FastPath, backward_step
 
 
-def classifier_optimizer(model, lr, **impl):
-    """SGD 0.9 momentum, 5e-4 weight decay; `impl`: FastPath.optimizer_kwargs (fused/foreach)."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, **impl)
+def classifier_optimizer(params, args, lr=None, **impl):
+    """SGD with --momentum and --weight-decay (official 0.9, 5e-4) at `lr` (default --eval-lr), as the
+    official code trains validation classifiers and pool models; `impl`: FastPath.optimizer_kwargs."""
+    return torch.optim.SGD(params, lr=args.eval_lr if lr is None else lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **impl)
 
 
 def build_classifier(name, info, device, fast=None):
@@ -37,15 +39,32 @@ def classifier_step(model, opt, images, labels, ctx, scaler=None, mix=None):
     return loss.detach()
 
 
+def default_test_bn(protocol):
+    """How classifiers are tested unless --test-bn says: 'batch' for the on-the-fly protocol (the official
+    code never leaves train mode, so BatchNorm normalises each test batch with its own statistics, and
+    the paper's ResNet numbers depend on it), 'running' (eval mode) for the field's fixed-set protocol."""
+    return 'batch' if protocol == 'onthefly' else 'running'
+
+
+def test_batch_size(args):
+    """Test batches of --batch-size under --test-bn batch (their statistics are the normalisation, so
+    the size matters, as in the official code); under running the size changes nothing but speed."""
+    return args.batch_size if args.test_bn == 'batch' else TEST_BATCH
+
+
 @torch.no_grad()
-def test(model, test_split, info, device, ctx):
+def test(model, test_split, info, device, ctx, bn='running', batch_size=TEST_BATCH):
     """Top-1 and top-5 accuracy (%) on the real test set, normalised with the dataset statistics
-    (the reference used the GAN's (0.5, 0.5) on MNIST and Fashion: fixed here)."""
+    (the reference used the GAN's (0.5, 0.5) on MNIST and Fashion: fixed here).
+
+    bn='running': eval mode. bn='batch': train mode, as the official code tests -- BatchNorm uses each
+    test batch's statistics (transductive; it also moves the running statistics, as there). Networks
+    without BatchNorm (ConvNet-3) give the same numbers either way."""
     was_training = model.training
-    model.eval()
+    model.train(bn == 'batch')
     correct1 = correct5 = torch.zeros((), device=device)
     k = min(5, info.num_classes)
-    for images, labels in test_batches(test_split, device):
+    for images, labels in test_batches(test_split, device, batch_size):
         with ctx:
             logits = model(to_classifier_input(images, info))
         topk = logits.float().topk(k, dim=1).indices
@@ -85,7 +104,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     fast = FastPath.from_args(args, device)
     G_net = fast.compiled(fast.prepare(G))
     model = build_classifier(model_name, info, device, fast)
-    opt = classifier_optimizer(model, args.eval_lr, **fast.optimizer_kwargs(torch.optim.SGD))
+    opt = classifier_optimizer(model.parameters(), args, **fast.optimizer_kwargs(torch.optim.SGD))
     net, scaler = fast.compiled(model), fast.scaler()
     augment = make_augment(args.aug_type, args.mixup_net, batch=False)
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
@@ -105,7 +124,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
                 mix = (labels_b, lam)
             classifier_step(net, opt, images, labels, ctx, scaler, mix)
         if (epoch + 1) % args.test_interval == 0 or epoch + 1 == args.epochs_eval:
-            final1, final5 = test(model, test_split, info, device, ctx)
+            final1, final5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
             best1, best5 = max(best1, final1), max(best5, final5)
             if hasattr(bar, 'set_postfix'):
                 bar.set_postfix(top1=f'{final1:.2f}', best=f'{best1:.2f}')

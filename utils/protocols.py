@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import test_batches, to_classifier_input
+from data.datasets import TEST_BATCH, test_batches, to_classifier_input
 from utils.augment import cutmix, make_augment, normalize
 from utils.errors import UserError
-from utils.evaluate import build_classifier, train_on_generator
+from utils.evaluate import build_classifier, classifier_optimizer, test_batch_size, train_on_generator
 from utils.runtime import backward_step, seed_everything
 
 PROTOCOLS = ('onthefly', 'fixed')
@@ -230,9 +230,10 @@ def can_stack(model_name, info, device, ctx):
         with ctx:
             out = group.forward(x)
         out.float().sum().backward()
-        group.train(False)
-        with torch.no_grad(), ctx:
-            group.forward_shared(x[0])
+        for mode in (False, True):  # testing: eval mode (--test-bn running) and train mode (batch)
+            group.train(mode)
+            with torch.no_grad(), ctx:
+                group.forward_shared(x[0])
         return True, ''
     except Exception as e:  # vmap lacks a batching rule, or similar: train the K models one by one
         return False, f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
@@ -249,14 +250,15 @@ def group_loss(logits, labels_a, labels_b, lam):
 
 
 @torch.no_grad()
-def group_test(group, test_split, info, device, ctx):
-    """Top-1 and top-5 (%) of every model on the real test set: two lists of K floats."""
-    group.train(False)
+def group_test(group, test_split, info, device, ctx, bn='running', batch_size=TEST_BATCH):
+    """Top-1 and top-5 (%) of every model on the real test set: two lists of K floats. `bn` and
+    `batch_size` as in utils.evaluate.test."""
+    group.train(bn == 'batch')
     K = len(group)
     k5 = min(5, info.num_classes)
     c1 = torch.zeros(K, device=device)
     c5 = torch.zeros(K, device=device)
-    for images, labels in test_batches(test_split, device):
+    for images, labels in test_batches(test_split, device, batch_size):
         with ctx:
             logits = group.forward_shared(to_classifier_input(images, info).to(group.dtype))
         top = logits.float().topk(k5, dim=2).indices                     # [K, B, k5]
@@ -277,7 +279,7 @@ def train_fixed(model_name, train_set, info, test_split, args, device, ctx, seed
                 runlog=None, desc=None):
     """Train one classifier per seed on the fixed `train_set` and test it on the real test set.
 
-    Recipe: SGD (--eval-lr, momentum 0.9, weight decay 5e-4), lr x0.1 after the first half of
+    Recipe: SGD (--eval-lr, --momentum 0.9, --weight-decay 5e-4), lr x0.1 after the first half of
     --epochs-eval epochs; each epoch shuffles the set and walks it in minibatches of --batch-size
     (the last one may be smaller); DSA augmentation per sample (--aug-type, without cutout when
     --mixup-net cut) and CutMix with probability --mix-p. Tests every --test-interval epochs and after
@@ -306,7 +308,7 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
             with slots.use(k):  # initialised on the CPU from seed_k, as a lone run would
                 models.append(build_classifier(model_name, info, device))
         group = ClassifierGroup(models, stacked)
-        opt = torch.optim.SGD(group.parameters(), lr=args.eval_lr, momentum=0.9, weight_decay=5e-4)
+        opt = classifier_optimizer(group.parameters(), args)
         scaler = torch.amp.GradScaler(device.type) if getattr(args, 'amp', 'off') == 'fp16' else None
         augment = make_augment(args.aug_type, args.mixup_net, batch=False)
         use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
@@ -345,7 +347,8 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
                 opt.zero_grad(set_to_none=True)
                 backward_step(loss, opt, scaler)
             if (epoch + 1) % args.test_interval == 0 or epoch + 1 == epochs:
-                final1, final5 = group_test(group, test_split, info, device, ctx)
+                final1, final5 = group_test(group, test_split, info, device, ctx, args.test_bn,
+                                            test_batch_size(args))
                 best1 = [max(a, b) for a, b in zip(best1, final1)]
                 best5 = [max(a, b) for a, b in zip(best5, final5)]
                 for k in range(K):
@@ -397,11 +400,11 @@ def markdown_table(report):
     """The report as a markdown table, one row per architecture."""
     K = report['num_eval']
     ipc = report['ipc'] if report['ipc'] is not None else 'all'
-    lines = ["| method | protocol | dataset | ipc | model | runs | top-1 final (mean ± std) "
+    lines = ["| method | protocol | test BN | dataset | ipc | model | runs | top-1 final (mean ± std) "
              "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report['rows']:
-        lines.append(f"| {report['method']} | {report['protocol']} | {report['dataset']} | {ipc} "
+        lines.append(f"| {report['method']} | {report['protocol']} | {report['test_bn']} | {report['dataset']} | {ipc} "
                      f"| {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
                      f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
                      f"| {r['top5_mean']:.2f} ± {r['top5_std']:.2f} |")
@@ -474,6 +477,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'dataset': info.name,
         'num_classes': info.num_classes,
         'ipc': None if method == 'full' else args.ipc,
+        'test_bn': args.test_bn,
         'train_images': len(train_set) if train_set is not None else None,
         'architectures': list(args.eval_model),
         'num_eval': args.num_eval,
@@ -483,13 +487,16 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'generator_sha256': file_sha256(checkpoint) if checkpoint and method == 'dim' else None,
         'recipe': {
             'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
-            'momentum': 0.9, 'weight_decay': 5e-4,
+            'momentum': args.momentum, 'weight_decay': args.weight_decay,
             'lr_schedule': 'x0.1 after the first half of the epochs' if protocol == 'fixed' else 'constant',
             'aug_type': args.aug_type, 'mixup_net': args.mixup_net, 'mix_p': args.mix_p, 'beta': args.beta,
             'test_interval': args.test_interval,
+            'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
         },
         'accuracy_keys': {
             'top1': 'top-1 (%) on the real test set after the last epoch',
+            'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
+                       'running: eval mode',
             'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
             'top5': 'top-5 (%) after the last epoch',
             'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',

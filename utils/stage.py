@@ -15,7 +15,7 @@ from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoin
 from utils.cli import check_common, check_output_dirs
 from utils import distributed
 from utils.errors import Diverged, Interrupted, UserError
-from utils.evaluate import validate
+from utils.evaluate import default_test_bn, validate
 from utils.runlog import Meters, RunLog
 from utils.runtime import (FastPath, autocast, load_optimizer_state, resolve_amp, rng_state,
                            seed_everything, select_device, set_rng_state, setup_backend)
@@ -87,6 +87,7 @@ class GanRun:
             self.resumed_from = None
         where = self.resumed_from or init_weight
         self.args, self.stage = args, stage
+        args.test_bn = args.test_bn or default_test_bn('onthefly')  # the stages validate on the fly
         check_output_dirs(args)
         self.device = select_device(args.device)
         self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
@@ -328,7 +329,8 @@ class GanRun:
 
     @torch.no_grad()
     def save_samples(self):
-        """results/<tag>/outputs/img_<epoch>.png: 10 rows of draws, one column per class."""
+        """results/<tag>/outputs/img_<epoch>.png, the epoch numbered from 0 as in the official file names:
+        10 rows of draws, one column per class."""
         if not distributed.is_main():  # under torchrun only rank 0 writes
             return
         was_training = self.G.training
@@ -340,7 +342,7 @@ class GanRun:
         self.G.train(was_training)
         grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=self.info.num_classes, padding=2)
         os.makedirs(self.runlog.path('outputs'), exist_ok=True)
-        torchvision.utils.save_image(grid, self.runlog.path('outputs', f'img_{self.epoch}.png'))
+        torchvision.utils.save_image(grid, self.runlog.path('outputs', f'img_{self.epoch - 1}.png'))
         self.runlog.writer.add_image('Samples', grid, self.iteration)
 
     def close(self):
