@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict, load_dataset  # noqa: E402
 from models import Generator  # noqa: E402
-from utils.checkpoint import gan_configs, is_official, load_checkpoint, load_state  # noqa: E402
+from utils.checkpoint import check_compatible, gan_configs, is_official, load_checkpoint, load_state  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.protocols import draw_fixed_set, file_sha256, write_json  # noqa: E402
@@ -44,8 +44,8 @@ def get_parser():
     g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}')
     g.add_argument('--data-dir', default='./data', help='dataset root (imagefolder: to compute its statistics)')
     g.add_argument('--img-size', type=int, default=32, choices=(28, 32), help='image size for imagefolder')
-    g.add_argument('--dim-noise', type=int, default=100)
-    g.add_argument('--width', type=int, default=196)
+    g.add_argument('--dim-noise', type=int, default=100, help='ignored: the checkpoint\'s tensors give it')
+    g.add_argument('--width', type=int, default=196, help='ignored: the checkpoint\'s tensors give it')
     return p
 
 
@@ -113,10 +113,9 @@ def main(argv=None):
         raise UserError(f"--ipc must be at least 1, got {args.ipc}")
     ckpt = load_checkpoint(args.pretrain_weight)
     info = dataset_info(args, ckpt)
-    if args.dim_noise < info.num_classes:
-        raise UserError(f"--dim-noise {args.dim_noise} is smaller than the {info.num_classes} classes")
+    check_compatible(ckpt, info, args.pretrain_weight)  # an official file: its sizes against --data
     device = select_device(args.device)
-    g_cfg, _ = gan_configs(ckpt, info, args.dim_noise, args.width)
+    g_cfg, _ = gan_configs(ckpt, info)
     G = Generator(**g_cfg).to(device)
     load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
     out = args.out or os.path.join('results', 'export', f'{info.name}_ipc{args.ipc}_seed{args.seed}')

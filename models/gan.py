@@ -82,3 +82,25 @@ class Discriminator(nn.Module):
     def forward(self, x):
         h = self.net(x)
         return self.critic(h).squeeze(1), self.classifier(h)
+
+
+# The official implementation's module names -> this repository's, for reading its checkpoints
+# (utils/checkpoint.py). A state-dict key is `<module>.<leaf>` (weight, bias, running_mean, ...); only
+# the module part differs. The Sequential indices skip the ReLU / LeakyReLU entries between.
+OFFICIAL_GENERATOR_NAMES = {
+    'fc1': 'project.0', 'bn0': 'project.1',
+    'conv1': 'net.0', 'bn1': 'net.1',     # ConvTranspose2d, kernel 4 (32 px) or 3 (28 px)
+    'conv2': 'net.3', 'bn2': 'net.4',
+    'conv3': 'net.6', 'bn3': 'net.7',
+    'conv4': 'net.9', 'bn4': 'net.10',
+    'conv5': 'net.12', 'bn5': 'net.13',   # ConvTranspose2d
+    'conv6': 'net.15', 'bn6': 'net.16',
+    'conv7': 'net.18', 'bn7': 'net.19',   # ConvTranspose2d
+    'conv8': 'net.21',                    # -> channels, then Tanh (net.22)
+}
+OFFICIAL_DISCRIMINATOR_NAMES = {
+    **{f'conv{i + 1}': f'net.{3 * i}' for i in range(8)},      # Conv2d 3x3, strides Discriminator.strides
+    **{f'ln{i + 1}': f'net.{3 * i + 1}' for i in range(8)},    # LayerNorm([width, H, W])
+    'fc1': 'critic',                                           # Linear(width, 1)
+    'fc10': 'classifier',                                      # Linear(width, num_classes)
+}

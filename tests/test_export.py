@@ -13,6 +13,7 @@ from PIL import Image
 
 from data.datasets import DATASETS
 from tests.helpers import save_tiny_generator
+from tests.official import save_official
 from utils.errors import UserError
 from utils.protocols import draw_fixed_set, file_sha256
 
@@ -91,3 +92,39 @@ def test_export_cli_error_is_one_line(tmp_path):
                            str(tmp_path / 'missing.pth'), '--ipc', '1'], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count('\n') == 0 and proc.stderr.startswith('error: checkpoint not found')
+
+
+@pytest.fixture(scope='module')
+def official_ckpt(tmp_path_factory):
+    """A checkpoint of the official implementation for 28-px 1-channel data (width 196, state dicts only)."""
+    path = str(tmp_path_factory.mktemp('official') / 'official.pth')
+    G0, *_ = save_official(path, 1, 28, seed=3)
+    return path, G0
+
+
+def test_export_from_an_official_checkpoint(official_ckpt, forks, tmp_path):
+    """misc/export.py --pretrain-weight on an official file, as a user runs it: the images are those the
+    official generator draws from the same noise."""
+    path, G0 = official_ckpt
+    out = tmp_path / 'set'
+    status = forks.run(['misc/export.py', '--pretrain-weight', path, '--data', 'digits', '--ipc', '2', '--out', out,
+                        '--seed', '5', '--device', 'cpu'], tmp_path, tmp_path / 'export.out', tmp_path / 'export.err')
+    assert status == 0, (tmp_path / 'export.err').read_text()[-2000:]
+    images, labels = torch.load(out / 'images.pt'), torch.load(out / 'labels.pt')
+    assert images.shape == (20, 1, 28, 28) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    expected, _ = draw_fixed_set(G0, INFO, 2, seed=5, device=torch.device('cpu'))
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    assert images.std() > 0.01
+    with open(out / 'meta.json') as f:
+        assert json.load(f)['generator_sha256'] == file_sha256(path)
+
+
+def test_export_refuses_an_official_checkpoint_for_other_data(official_ckpt):
+    export = load_export_module()
+    path = official_ckpt[0]
+    with pytest.raises(UserError, match='is an official-format checkpoint: give --data'):
+        export.main(['--pretrain-weight', path, '--ipc', '1'])
+    with pytest.raises(UserError) as e:
+        export.main(['--pretrain-weight', path, '--ipc', '1', '--data', 'cifar10'])
+    assert str(e.value) == (f"{path} is an official-format checkpoint for 28-px 1-channel images of 10 classes, "
+                            f"but cifar10 as the flags give it has 32-px 3-channel images of 10 classes")

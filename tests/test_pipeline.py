@@ -81,21 +81,6 @@ def test_validation_beats_chance(pipeline):
     assert 'one epoch = 7 iterations x 64 = 448 generated images' in s3.stdout
 
 
-def test_validate_reads_an_official_format_checkpoint(pipeline, tmp_path):
-    cwd = pipeline[0]
-    ckpt = torch.load(cwd / 'results' / 'gan' / f'model_dict_{STAGE1_EPOCHS - 1}.pth', weights_only=False)
-    official = {k: ckpt[k] for k in ('generator', 'discriminator', 'optim_g', 'optim_d')}
-    torch.save(official, tmp_path / 'official.pth')
-    out = run_script('validate.py', *TINY, '--width', WIDTH, '--tag', 'official', '--pretrain-weight', tmp_path / 'official.pth',
-                     cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert '| convnet |' in out.stdout
-    # without the right sizes, the one-line error says what does not fit
-    out = run_script('validate.py', *TINY, '--width', '64', '--tag', 'official2', '--pretrain-weight',
-                     tmp_path / 'official.pth', cwd=tmp_path)
-    assert out.returncode == 2 and 'does not fit' in out.stderr and 'Traceback' not in out.stderr
-
-
 def test_checkpoint_of_other_data_is_refused(pipeline, tmp_path):
     cwd = pipeline[0]
     out = run_script('validate.py', '--data', 'mnist', '--data-dir', tmp_path, '--pretrain-weight',

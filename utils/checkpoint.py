@@ -4,15 +4,25 @@ A checkpoint is a dict with the official keys `generator`, `discriminator`, `opt
 (state dicts), plus `format`, `stage`, `dataset` (the DatasetInfo as a dict), `generator_config` and
 `discriminator_config` (constructor arguments), `epoch` (epochs completed), `iteration` (optimizer
 steps so far), `epoch_iteration` (batches done in the current epoch), `args`, `best`, `rng` and, in
-stage 2, `pool` (the current pool model and its optimizer). The official files hold only the first
-four keys; then the dataset flags say what to build.
+stage 2, `pool` (the current pool model and its optimizer).
+
+The official files hold only the first four keys, under the official module names (fc1, bn0, conv1,
+...; see models/gan.py). `load_checkpoint` turns such a file into this repository's terms, so every
+entry point reads it alike: the state dicts renamed, the optimizer states re-indexed to this
+repository's parameter order, and `generator_config` / `discriminator_config` inferred from the tensor
+shapes. It stays "official" (no `format`): it records no dataset, so `check_compatible` compares the
+inferred sizes with the data the flags select, and --resume refuses it.
 """
 import glob
 import os
 import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 
+from models.gan import (OFFICIAL_DISCRIMINATOR_NAMES, OFFICIAL_GENERATOR_NAMES, Discriminator,
+                        Generator)
 from utils.errors import UserError
 
 FORMAT = 'dim-repro/1'
@@ -86,7 +96,11 @@ def load_checkpoint(path):
         missing = [k for k in ('dataset', 'generator_config', 'discriminator_config') if k not in ckpt]
         if missing or not isinstance(ckpt['dataset'], dict):
             raise UserError(f"{path} is a damaged checkpoint (missing {', '.join(missing) or 'dataset'})")
-    return ckpt
+        return ckpt
+    try:
+        return from_official(ckpt, path)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # odd content the checks missed
+        raise UserError(f"{path}: not a DiM checkpoint of the official layout ({type(e).__name__})") from None
 
 
 def check_resumable(ckpt, path, stage):
@@ -108,9 +122,21 @@ def checkpoint_dataset(ckpt):
     return None if is_official(ckpt) else ckpt['dataset'].get('name')
 
 
+_SIZE_KEYS = ('img_size', 'channels', 'num_classes')
+
+
+def _sizes(img_size, channels, num_classes):
+    return f"{img_size}-px {channels}-channel images" + (f" of {num_classes} classes" if num_classes else '')
+
+
 def check_compatible(ckpt, info, path):
     """Refuse a checkpoint made for other data than the flags ask for, with one line saying what differs."""
-    if is_official(ckpt):
+    if is_official(ckpt):  # no dataset recorded: compare the sizes its tensors give (from_official)
+        cfg = ckpt['generator_config']
+        have = {k: cfg[k] for k in _SIZE_KEYS}
+        if any(v is not None and v != getattr(info, k) for k, v in have.items()):
+            raise UserError(f"{path} is an official-format checkpoint for {_sizes(**have)}, but {info.name} as "
+                            f"the flags give it has {_sizes(**{k: getattr(info, k) for k in _SIZE_KEYS})}")
         return
     stored = ckpt['dataset']
     if stored.get('name') != info.name:
@@ -121,14 +147,15 @@ def check_compatible(ckpt, info, path):
                             f"give it has {getattr(info, key)} {what}")
 
 
-def gan_configs(ckpt, info, dim_noise, width):
-    """Constructor arguments of the generator and discriminator a checkpoint holds."""
-    if not is_official(ckpt):
-        return ckpt['generator_config'], ckpt['discriminator_config']
-    # Official files: sizes come from the flags; the reference's generator always took 100 noise inputs.
-    g = dict(num_classes=info.num_classes, channels=info.channels, img_size=info.img_size,
-             dim_noise=dim_noise, width=width)
-    d = dict(num_classes=info.num_classes, channels=info.channels, img_size=info.img_size, width=width)
+def gan_configs(ckpt, info, dim_noise=None, width=None):
+    """Constructor arguments of the generator and discriminator a checkpoint holds. They come from the
+    checkpoint, never from the flags (`dim_noise` and `width` are ignored; kept for the callers)."""
+    g, d = dict(ckpt['generator_config']), ckpt['discriminator_config']
+    if is_official(ckpt):
+        if g['num_classes'] is None:  # an official file without its discriminator: classes from the data
+            g['num_classes'] = info.num_classes
+        d = dict(d) if d is not None else dict(num_classes=g['num_classes'], channels=g['channels'],
+                                               img_size=g['img_size'], width=g['width'])
     return g, d
 
 
@@ -138,6 +165,150 @@ def load_state(module, state, path, what):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: its {what} does not fit the model the flags describe ({first})") from None
+
+
+# -- the official layout ------------------------------------------------------------------------
+
+def from_official(ckpt, path):
+    """An official-format checkpoint ({generator, discriminator, optim_g, optim_d} under the official
+    module names) in this repository's terms: state dicts renamed (models/gan.py, OFFICIAL_*_NAMES),
+    optimizer states re-indexed to this repository's parameter order, and the constructor arguments
+    inferred from the tensor shapes. A file without `format` that already uses this repository's names
+    goes through the same checks. Anything that does not fit is a one-line UserError naming the file."""
+    out = dict(ckpt)
+    g = _official_names(ckpt['generator'], OFFICIAL_GENERATOR_NAMES, path, 'generator')
+    d = (_official_names(ckpt['discriminator'], OFFICIAL_DISCRIMINATOR_NAMES, path, 'discriminator')
+         if ckpt.get('discriminator') is not None else None)
+    g_cfg, d_cfg = _infer_configs(g, d, path)
+    with torch.device('meta'):  # names, shapes and parameter order only: no memory, no random draws
+        nets = [('generator', 'optim_g', g, Generator(**g_cfg), OFFICIAL_GENERATOR_NAMES)]
+        if d is not None:
+            nets.append(('discriminator', 'optim_d', d, Discriminator(**d_cfg), OFFICIAL_DISCRIMINATOR_NAMES))
+    for what, opt_key, (state, layout), model, table in nets:
+        out[what] = _to_repo_names(state, layout, model, table, path, what)
+        if out.get(opt_key) is not None:
+            out[opt_key] = _remap_optimizer(out[opt_key], state, layout, model, table, path, opt_key, what)
+    out['generator_config'], out['discriminator_config'] = g_cfg, d_cfg
+    return out
+
+
+def _rename(key, table):
+    module, _, leaf = key.rpartition('.')
+    return f'{table[module]}.{leaf}' if module in table else key
+
+
+def _official_names(state, table, path, what):
+    """(state under the official names, in the file's order; 'official' or 'repository': the names
+    the file used)."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                 for k, v in state.items()):
+        raise UserError(f"{path}: its {what} is not a state dict of tensors")
+    if state and all(k.startswith('module.') for k in state):  # saved from an nn.DataParallel
+        state = OrderedDict((k[len('module.'):], v) for k, v in state.items())
+    modules = {k.rpartition('.')[0] for k in state}
+    if modules & set(table):
+        return OrderedDict(state), 'official'
+    to_official = {repo: official for official, repo in table.items()}
+    if modules & set(to_official):
+        return OrderedDict((_rename(k, to_official), v) for k, v in state.items()), 'repository'
+    raise UserError(f"{path}: its {what} has neither the official names ({', '.join(list(table)[:3])}, ...) "
+                    f"nor this repository's; not a DiM checkpoint")
+
+
+def _shape(state, key, ndim, path, what):
+    t = state.get(key)
+    if t is None:
+        raise UserError(f"{path}: its {what} has no {key}")
+    if t.dim() != ndim:
+        raise UserError(f"{path}: its {what} {key} has shape {list(t.shape)}, not {ndim}-dimensional")
+    return tuple(t.shape)
+
+
+def _infer_configs(g, d, path):
+    """Generator and discriminator constructor arguments from the tensor shapes (official names)."""
+    g = g[0]
+    hidden, dim_noise = _shape(g, 'fc1.weight', 2, path, 'generator')
+    if hidden % 16:
+        raise UserError(f"{path}: its generator fc1 has {hidden} outputs, not width x 4 x 4")
+    kernel = _shape(g, 'conv1.weight', 4, path, 'generator')[2]
+    img_size = {3: 28, 4: 32}.get(kernel)
+    if img_size is None:
+        raise UserError(f"{path}: its generator conv1 has kernel {kernel}; the official layout has 4 "
+                        f"(32-px data) or 3 (28-px data)")
+    channels = _shape(g, 'conv8.weight', 4, path, 'generator')[0]
+    g_cfg = dict(num_classes=None, channels=channels, img_size=img_size, dim_noise=dim_noise, width=hidden // 16)
+    if d is None:
+        return g_cfg, None
+    d = d[0]
+    d_width, d_channels = _shape(d, 'conv1.weight', 4, path, 'discriminator')[:2]
+    d_size = _shape(d, 'ln1.weight', 3, path, 'discriminator')[1]
+    num_classes = _shape(d, 'fc10.weight', 2, path, 'discriminator')[0]
+    if (d_size, d_channels) != (img_size, channels):
+        raise UserError(f"{path}: its generator makes {img_size}-px {channels}-channel images, but its "
+                        f"discriminator takes {d_size}-px {d_channels}-channel ones")
+    if dim_noise < num_classes:
+        raise UserError(f"{path}: its generator takes {dim_noise} noise inputs, fewer than its {num_classes} "
+                        f"classes (the first entries of the noise hold the one-hot class)")
+    g_cfg['num_classes'] = num_classes
+    return g_cfg, dict(num_classes=num_classes, channels=channels, img_size=d_size, width=d_width)
+
+
+def _listing(names, limit=4):
+    return ', '.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else '')
+
+
+def _to_repo_names(state, layout, model, table, path, what):
+    """The state dict under this repository's names, after checking every name and shape against
+    `model` (built on the meta device from the inferred configuration)."""
+    to_official = {repo: official for official, repo in table.items()}
+    wanted = OrderedDict((_rename(name, to_official), (name, tuple(t.shape)))
+                         for name, t in model.state_dict().items())
+
+    def shown(key):  # the name as the file has it
+        return wanted[key][0] if layout == 'repository' and key in wanted else key
+    missing = [shown(k) for k in wanted if k not in state]
+    unexpected = [shown(k) for k in state if k not in wanted]
+    if missing or unexpected:
+        parts = ([f"missing {_listing(missing)}"] if missing else []) + (
+            [f"unexpected {_listing(unexpected)}"] if unexpected else [])
+        raise UserError(f"{path}: its {what} does not have the layout of the DiM {what} ({'; '.join(parts)})")
+    wrong = [f"{shown(k)} {list(state[k].shape)} (expected {list(shape)})"
+             for k, (_, shape) in wanted.items() if tuple(state[k].shape) != shape]
+    if wrong:
+        raise UserError(f"{path}: its {what} has tensors of the wrong shape: {_listing(wrong, 3)}")
+    return OrderedDict((name, state[k]) for k, (name, _) in wanted.items())
+
+
+def _remap_optimizer(opt, state, layout, model, table, path, key, what):
+    """An optimizer state dict indexes parameters by their position in model.parameters(). The
+    official module's order is the order of its parameters in its state dict as saved (registration
+    order); re-index the per-parameter state (Adam's step, exp_avg, exp_avg_sq) to this repository's
+    order, so every moment lands on the parameter it belongs to."""
+    groups = opt.get('param_groups') if isinstance(opt, Mapping) else None
+    if (not isinstance(opt, Mapping) or not isinstance(opt.get('state'), Mapping) or not isinstance(groups, list)
+            or not all(isinstance(g, Mapping) and isinstance(g.get('params'), list) for g in groups)):
+        raise UserError(f"{path}: its {key} is not an optimizer state dict")
+    params = OrderedDict(model.named_parameters())  # this repository's order
+    position = {name: i for i, name in enumerate(params)}
+    order = [_rename(k, table) for k in state if _rename(k, table) in params]  # the file's order
+    ids = [i for g in groups for i in g['params']]
+    if len(groups) != 1 or len(ids) != len(order):
+        raise UserError(f"{path}: its {key} holds {len(ids)} parameters in {len(groups)} group(s); its {what} "
+                        f"has {len(order)} parameters (one group)")
+    to_official = {repo: official for official, repo in table.items()}
+    remapped = {}
+    for old, name in zip(ids, order):
+        if old not in opt['state']:
+            continue  # a parameter the optimizer never stepped
+        entry = opt['state'][old]
+        for leaf, value in (entry.items() if isinstance(entry, Mapping) else ()):
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[name].shape:
+                shown = name if layout == 'repository' else _rename(name, to_official)
+                raise UserError(f"{path}: its {key} does not line up with its {what}: the {leaf} of {shown} has "
+                                f"shape {list(value.shape)}, the parameter {list(params[name].shape)}")
+        remapped[position[name]] = entry
+    return {**opt, 'state': dict(sorted(remapped.items())),
+            'param_groups': [{**groups[0], 'params': list(range(len(params)))}]}
 
 
 def last_checkpoint_path(results_dir):
