@@ -74,7 +74,7 @@ def main():
     if ckpt is not None:
         check_compatible(ckpt, info, args.pretrain_weight)
     if not args.baseline:
-        g_cfg, _ = gan_configs(ckpt, info, args.dim_noise, args.width)
+        g_cfg, _ = gan_configs(ckpt, info)
         G = Generator(**g_cfg).to(device)
         load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
     runlog = RunLog(args)

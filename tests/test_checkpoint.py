@@ -43,7 +43,7 @@ def test_round_trip_rebuilds_the_generator_without_flags(tmp_path):
     for key in ('generator', 'discriminator', 'optim_g', 'optim_d'):
         assert key in ckpt
     # flags that disagree with the stored sizes are ignored: the checkpoint describes itself
-    g_cfg, d_cfg = gan_configs(ckpt, DIGITS, dim_noise=100, width=196)
+    g_cfg, d_cfg = gan_configs(ckpt, DIGITS)
     G2 = Generator(**g_cfg)
     load_state(G2, ckpt['generator'], path, 'generator')
     z = torch.randn(3, 64)
@@ -112,7 +112,7 @@ def _load_as_this_repo(path, info):
     """What every entry point does: load, check against the data, rebuild from the configs, load."""
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, info, path)
-    g_cfg, d_cfg = gan_configs(ckpt, info, dim_noise=7, width=3)  # flags cannot override the file
+    g_cfg, d_cfg = gan_configs(ckpt, info)  # from the file alone: no flag enters
     G, D = Generator(**g_cfg), Discriminator(**d_cfg)
     load_state(G, ckpt['generator'], path, 'generator')
     load_state(D, ckpt['discriminator'], path, 'discriminator')

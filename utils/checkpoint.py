@@ -147,9 +147,9 @@ def check_compatible(ckpt, info, path):
                             f"give it has {getattr(info, key)} {what}")
 
 
-def gan_configs(ckpt, info, dim_noise=None, width=None):
+def gan_configs(ckpt, info):
     """Constructor arguments of the generator and discriminator a checkpoint holds. They come from the
-    checkpoint, never from the flags (`dim_noise` and `width` are ignored; kept for the callers)."""
+    checkpoint (an official file's from its tensor shapes), never from the flags."""
     g, d = dict(ckpt['generator_config']), ckpt['discriminator_config']
     if is_official(ckpt):
         if g['num_classes'] is None:  # an official file without its discriminator: classes from the data

@@ -102,7 +102,7 @@ class GanRun:
             check_compatible(ckpt, self.info, where)
 
         seed_everything(args.seed)
-        g_cfg, d_cfg = (gan_configs(ckpt, self.info, args.dim_noise, args.width) if ckpt is not None else
+        g_cfg, d_cfg = (gan_configs(ckpt, self.info) if ckpt is not None else
                         (dict(num_classes=self.info.num_classes, channels=self.info.channels,
                               img_size=self.info.img_size, dim_noise=args.dim_noise, width=args.width),
                          dict(num_classes=self.info.num_classes, channels=self.info.channels,
