@@ -42,7 +42,15 @@ def get_parser():
                    help='random: ipc real training images per class; full: the whole training set '
                         '(both trained as --protocol fixed; no generator needed)')
     g.add_argument('--set-seed', type=int, default=None,
-                   help="seed of the fixed-set draw or of the random subset (None: --seed)")
+                   help="seed of the fixed-set draw or of the random subset (None: --seed); classifier k "
+                        "trains on the set drawn with --set-seed + k unless --fixed-set")
+    g.add_argument('--fixed-set', action='store_true',
+                   help='every classifier trains on the one set of --set-seed (the spread then leaves out '
+                        'which images were drawn)')
+    g.add_argument('--val-per-class', type=int, default=0,
+                   help='hold out N real training images per class that nothing trains on, test on them at '
+                        'every periodic test, and report the test accuracy at the test they select '
+                        '(0: off)')
     g.add_argument('--no-stack', action='store_true',
                    help='train the --num-eval classifiers one after another instead of stacked together')
     return p
@@ -57,6 +65,8 @@ def resolve_protocol(args):
         args.protocol = 'onthefly'
     args.test_bn = args.test_bn or default_test_bn(args.protocol)
     check_positive(args, 'num_eval')
+    if args.val_per_class < 0:
+        raise UserError(f"--val-per-class must be 0 or more, got {args.val_per_class}")
 
 
 def main():

@@ -14,6 +14,13 @@ echo "== stage 2: pool matching (pool_match.py)"
 $PY pool_match.py "${SMALL[@]}" --tag quickstart-match --match logit --match-aug \
     --weight results/quickstart-gan/model_dict_9.pth --epochs 1 --eval-interval 1 --epochs-match-train 4 \
     --epochs-eval 50 --print-freq 11
-echo "== stage 3: validation (validate.py)"
-$PY validate.py "${SMALL[@]}" --tag quickstart-test --pretrain-weight results/quickstart-match/model_dict_convnet.pth \
-    --ipc 50 --batch-size 64 --epochs-eval 30 --test-interval 10 --eval-model convnet resnet10
+echo "== stage 3: validation (validate.py): classifiers trained on generated images only"
+EVAL=(--ipc 50 --batch-size 64 --epochs-eval 30 --test-interval 10 --eval-model convnet resnet10)
+G=results/quickstart-match/last.pth  # the generator of the last epoch (no selection on the test set)
+$PY validate.py "${SMALL[@]}" "${EVAL[@]}" --tag quickstart-test --pretrain-weight $G
+echo "== the same, on one fixed set of 50 generated images per class (what a distilled set would store)"
+$PY validate.py "${SMALL[@]}" "${EVAL[@]}" --tag quickstart-fixed --pretrain-weight $G --protocol fixed
+echo "== baseline: the same classifiers on 50 random real training images per class, same code"
+$PY validate.py "${SMALL[@]}" "${EVAL[@]}" --tag quickstart-random --baseline random
+echo "== DiM beside its baseline (top-1 % on the 360 real test digits)"
+$PY misc/compare.py results/quickstart-{test,fixed,random}/eval.json

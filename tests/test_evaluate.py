@@ -24,7 +24,8 @@ CPU = torch.device('cpu')
 NOCTX = torch.autocast('cpu', enabled=False)
 REPORT_KEYS = {'format', 'protocol', 'method', 'dataset', 'num_classes', 'ipc', 'train_images', 'architectures',
                'num_eval', 'seeds', 'set_seed', 'generator_checkpoint', 'generator_sha256', 'recipe',
-               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds', 'test_bn'}
+               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds', 'test_bn', 'set_seeds', 'fixed_set',
+               'val_per_class', 'val_images', 'storage'}
 ROW_KEYS = {'architecture', 'seeds', 'stacked', 'wall_seconds', 'test_curves'} | {
     f'{k}{s}' for k in ('top1', 'best_top1', 'top5', 'best_top5') for s in ('', '_mean', '_std')}
 
@@ -47,7 +48,7 @@ def make_args(**kw):
     base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, no_stack=False, ipc=1,
                 epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
                 mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
-                weight_decay=5e-4, test_bn='running')
+                weight_decay=5e-4, test_bn='running', fixed_set=False, val_per_class=0)
     base.update(kw)
     return Namespace(**base)
 
@@ -78,15 +79,77 @@ def test_draw_fixed_set_balanced_seeded_eval_mode(digits, gen_ckpt):
                           draw_fixed_set(G, info, 1, seed=1, device=CPU)[0], atol=1e-6)
 
 
-def test_fixed_protocol_calls_generator_once(digits, gen_ckpt):
+@pytest.mark.parametrize('fixed_set', [False, True])
+def test_fixed_protocol_draws_each_set_once(digits, gen_ckpt, fixed_set):
     info, train, test = digits
     G = gen_ckpt[1]
     with count_calls(G) as calls:
-        report = run_evaluation(make_args(num_eval=2, epochs_eval=1, ipc=2), info, train, test, CPU, NOCTX,
-                                G=G, checkpoint=gen_ckpt[0])
-    assert len(calls) == 1  # drawn once; the two classifiers x two epochs only read the fixed set
+        report = run_evaluation(make_args(num_eval=2, epochs_eval=1, ipc=2, fixed_set=fixed_set), info, train,
+                                test, CPU, NOCTX, G=G, checkpoint=gen_ckpt[0])
+    # one draw per set (seed k's own set, or one shared set); the classifiers only read them
+    assert len(calls) == (1 if fixed_set else 2)
     assert report['train_images'] == 20 and report['method'] == 'dim' and report['set_seed'] == 7
+    assert report['set_seeds'] == ([7, 7] if fixed_set else [7, 8]) and report['fixed_set'] == fixed_set
     assert report['seeds'] == [7, 8] and report['rows'][0]['stacked']
+
+
+def test_each_seed_trains_on_its_own_set_as_a_lone_run_would(digits):
+    """Seed k of a K-seed random baseline = a lone run with --seed and --set-seed both seed + k."""
+    info, train, test = digits
+    both = run_evaluation(make_args(baseline='random', num_eval=2, no_stack=True), info, train, test, CPU, NOCTX)
+    alone = run_evaluation(make_args(baseline='random', seed=8, set_seed=8), info, train, test, CPU, NOCTX)
+    shared = run_evaluation(make_args(baseline='random', num_eval=2, no_stack=True, fixed_set=True), info, train,
+                            test, CPU, NOCTX)
+    assert both['rows'][0]['top1'][1] == alone['rows'][0]['top1'][0]
+    assert both['rows'][0]['test_curves'][1] == alone['rows'][0]['test_curves'][0]
+    assert shared['rows'][0]['test_curves'][0] == both['rows'][0]['test_curves'][0]  # seed 7: set 7 either way
+    assert shared['set_seeds'] == [7, 7]
+
+
+def test_held_out_images_select_the_epoch_and_nothing_trains_on_them(digits, gen_ckpt, monkeypatch):
+    from utils import protocols
+    info, train, test = digits
+    val, rest = protocols.hold_out(train, 10, 3)
+    assert len(val) == 30 and len(rest) == len(train) - 30
+    assert torch.bincount(val.labels, minlength=10).tolist() == [3] * 10
+    flat = lambda split: {tuple(x.flatten().tolist()) for x in split.images}  # noqa: E731
+    assert not flat(val) & flat(rest)  # disjoint (digits has no duplicate images across these)
+    assert torch.equal(protocols.hold_out(train, 10, 3)[0].images, val.images)  # the same for every run
+    drawn = []
+    original = protocols.random_subset_indices
+    monkeypatch.setattr(protocols, 'random_subset_indices',
+                        lambda labels, *a, **k: drawn.append(len(labels)) or original(labels, *a, **k))
+    report = run_evaluation(make_args(baseline='random', num_eval=2, epochs_eval=3, val_per_class=3), info, train,
+                            test, CPU, NOCTX)
+    assert drawn[0] == len(train) and set(drawn[1:]) == {len(train) - 30}  # the subsets come from the rest
+    assert report['val_per_class'] == 3 and report['val_images'] == 30
+    row = report['rows'][0]
+    for k in range(2):  # the selected number is the test accuracy of the selected test
+        assert row['selected_epoch'][k] in [e for e, _ in row['test_curves'][k]]
+        assert row['selected_top1'][k] == dict(row['test_curves'][k])[row['selected_epoch'][k]]
+    assert 'held-out train images' in markdown_table(report)
+    onthefly = run_evaluation(make_args(protocol='onthefly', epochs_eval=2, val_per_class=2), info, train, test,
+                              CPU, NOCTX, G=gen_ckpt[1])
+    assert onthefly['rows'][0]['selected_epoch'][0] in (1, 2) and 0 <= onthefly['rows'][0]['val_top1'][0] <= 100
+
+
+def test_selection_keeps_the_earliest_best():
+    from utils.evaluate import Selection
+    sel = Selection()
+    for epoch, val, top1 in ((10, 50.0, 40.0), (20, 60.0, 41.0), (30, 60.0, 45.0), (40, 55.0, 47.0)):
+        sel.update(epoch, val, top1)
+    assert sel.result() == {'val_top1': 60.0, 'selected_top1': 41.0, 'selected_epoch': 20}
+
+
+def test_storage_compares_the_generator_with_ipc_images(digits, gen_ckpt):
+    info, train, test = digits
+    G = gen_ckpt[1]
+    report = run_evaluation(make_args(num_eval=1, epochs_eval=1, ipc=10), info, train, test, CPU, NOCTX, G=G)
+    n = sum(p.numel() for p in G.parameters())
+    assert report['storage'] == {'generator_parameters': n, 'generator_bytes_fp32': 4 * n,
+                                 'generator_bytes_bf16': 2 * n, 'ipc_images_bytes_uint8': 10 * 10 * 28 * 28}
+    rand = run_evaluation(make_args(baseline='random', epochs_eval=1, ipc=10), info, train, test, CPU, NOCTX)
+    assert rand['storage']['generator_parameters'] is None and rand['storage']['ipc_images_bytes_uint8'] == 78400
 
 
 def assert_same_runs(a, b, rtol, atol, num_test):

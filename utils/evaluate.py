@@ -94,11 +94,28 @@ def generated_batch(G, batch_size, info, augment, device):
     return augment(normalize(images, info.mean, info.std)), labels
 
 
+class Selection:
+    """The test accuracy at the periodic test that scored best on held-out real training images
+    (validate.py --val-per-class): an epoch chosen without looking at the test set. Ties keep the
+    earliest test."""
+
+    def __init__(self):
+        self.val_top1, self.top1, self.epoch = -1.0, None, None
+
+    def update(self, epoch, val_top1, test_top1):
+        if val_top1 > self.val_top1:
+            self.val_top1, self.top1, self.epoch = val_top1, test_top1, epoch
+
+    def result(self):
+        return {'val_top1': self.val_top1, 'selected_top1': self.top1, 'selected_epoch': self.epoch}
+
+
 def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
-                       curve_tag=None, stop=None):
+                       curve_tag=None, stop=None, val_split=None):
     """Train one fresh classifier on generated images for --epochs-eval epochs; test every
     --test-interval epochs and at the end. Returns accuracies: the final one, and the best over the
-    periodic tests (the paper's number: selected on the test set)."""
+    periodic tests (the paper's number: selected on the test set); with `val_split` (held-out real
+    images) also the test accuracy at the test that scored best on them."""
     G_was_training = G.training
     G.eval()  # BatchNorm running statistics, as the reference validates
     fast = FastPath.from_args(args, device)
@@ -110,6 +127,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
     use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
     best1 = best5 = final1 = final5 = 0.0
+    selection = Selection()
     start = time.time()
     bar = runlog.progress(range(args.epochs_eval), desc=f'eval {model_name}') if runlog else range(args.epochs_eval)
     for epoch in bar:
@@ -126,13 +144,17 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
         if (epoch + 1) % args.test_interval == 0 or epoch + 1 == args.epochs_eval:
             final1, final5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
             best1, best5 = max(best1, final1), max(best5, final5)
+            if val_split is not None:
+                val1, _ = test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))
+                selection.update(epoch + 1, val1, final1)
             if hasattr(bar, 'set_postfix'):
                 bar.set_postfix(top1=f'{final1:.2f}', best=f'{best1:.2f}')
             if runlog is not None and curve_tag:
                 runlog.writer.add_scalar(f'{curve_tag}/{model_name}/top1', final1, epoch + 1)
     G.train(G_was_training)
     return {'top1': final1, 'top5': final5, 'best_top1': best1, 'best_top5': best5,
-            'iters_per_epoch': iters, 'seconds': time.time() - start}
+            'iters_per_epoch': iters, 'seconds': time.time() - start,
+            **(selection.result() if val_split is not None else {})}
 
 
 def validate(G, info, test_split, args, device, ctx, runlog, step, extra_iteration=True, stop=None):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import TEST_BATCH, test_batches, to_classifier_input
+from data.datasets import TEST_BATCH, Split, test_batches, to_classifier_input
 from utils.augment import cutmix, make_augment, normalize
 from utils.errors import UserError
-from utils.evaluate import build_classifier, classifier_optimizer, test_batch_size, train_on_generator
+from utils.evaluate import Selection, build_classifier, classifier_optimizer, test_batch_size, train_on_generator
 from utils.runtime import backward_step, seed_everything
 
 PROTOCOLS = ('onthefly', 'fixed')
@@ -81,16 +81,17 @@ def draw_fixed_set(G, info, ipc, seed, device, chunk=DRAW_CHUNK):
     return normalize(images, info.mean, info.std).contiguous(), labels.to(device)
 
 
-def random_subset_indices(labels, num_classes, ipc, seed):
-    """Indices of ipc images per class, class-major, chosen with a CPU generator seeded `seed`."""
+def random_subset_indices(labels, num_classes, ipc, seed, what='--baseline random', flag='--ipc'):
+    """Indices of ipc images per class, class-major, chosen with a CPU generator seeded `seed`.
+    `what` and `flag` name the request in the error a too-small class gives."""
     gen = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     chosen = []
     for c in range(num_classes):
         members = (labels == c).nonzero().squeeze(1)
         if len(members) < ipc:
-            raise UserError(f"--baseline random: class {c} has only {len(members)} training images, "
-                            f"fewer than --ipc {ipc}")
+            raise UserError(f"{what}: class {c} has only {len(members)} training images, "
+                            f"fewer than {flag} {ipc}")
         chosen.append(members[torch.randperm(len(members), generator=gen)[:ipc]])
     return torch.cat(chosen)
 
@@ -275,9 +276,11 @@ def lr_at(epoch, epochs, lr):
     return lr if epoch < (epochs + 1) // 2 else lr * 0.1
 
 
-def train_fixed(model_name, train_set, info, test_split, args, device, ctx, seeds, stack=True,
-                runlog=None, desc=None):
-    """Train one classifier per seed on the fixed `train_set` and test it on the real test set.
+def train_fixed(model_name, train_sets, info, test_split, args, device, ctx, seeds, stack=True,
+                runlog=None, desc=None, val_split=None):
+    """Train one classifier per seed, seed k on the fixed `train_sets[k]` (one TrainSet for all seeds
+    is accepted too), and test it on the real test set (and on `val_split`, held-out real images, when
+    given).
 
     Recipe: SGD (--eval-lr, --momentum 0.9, --weight-decay 5e-4), lr x0.1 after the first half of
     --epochs-eval epochs; each epoch shuffles the set and walks it in minibatches of --batch-size
@@ -285,21 +288,26 @@ def train_fixed(model_name, train_set, info, test_split, args, device, ctx, seed
     --mixup-net cut) and CutMix with probability --mix-p. Tests every --test-interval epochs and after
     the last. Returns one result per seed (in order) and whether the trainings ran stacked.
     """
+    if isinstance(train_sets, TrainSet):
+        train_sets = [train_sets] * len(seeds)
     stacked = stack and len(seeds) > 1
     if stacked:
         stacked, why = can_stack(model_name, info, device, ctx)
         if not stacked:
             print(f"  [{model_name}] cannot train the {len(seeds)} seeds stacked ({why}); one after another")
-    groups = [seeds] if stacked else [[s] for s in seeds]
+    groups = [range(len(seeds))] if stacked else [[k] for k in range(len(seeds))]
     results = []
-    for group_seeds in groups:
-        results += _train_group(model_name, train_set, info, test_split, args, device, ctx, group_seeds,
-                                stacked, runlog, desc)
+    for members in groups:
+        results += _train_group(model_name, [train_sets[k] for k in members], info, test_split, args, device,
+                                ctx, [seeds[k] for k in members], stacked, runlog, desc, val_split)
     return results, stacked
 
 
-def _train_group(model_name, train_set, info, test_split, args, device, ctx, seeds, stacked, runlog, desc):
-    K, n, B = len(seeds), len(train_set), args.batch_size
+def _train_group(model_name, train_sets, info, test_split, args, device, ctx, seeds, stacked, runlog, desc,
+                 val_split):
+    K, n, B = len(seeds), len(train_sets[0]), args.batch_size
+    if any(len(t) != n for t in train_sets):
+        raise ValueError("stacked trainings walk their sets in step: the sets must have one size")
     epochs = args.epochs_eval
     slots = RngSlots(seeds, device)
     try:
@@ -315,6 +323,7 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
         steps = math.ceil(n / B)
         curves = [[] for _ in range(K)]
         final1 = final5 = best1 = best5 = [0.0] * K
+        selections = [Selection() for _ in range(K)]
         bar = range(epochs)
         if runlog is not None:
             bar = runlog.progress(bar, desc=desc or f'{model_name} x{K}')
@@ -330,7 +339,7 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
                 xs, ya, yb, lam = [], [], [], []
                 for k in range(K):
                     with slots.use(k):
-                        x, y = train_set.batch(orders[k][step * B:(step + 1) * B])
+                        x, y = train_sets[k].batch(orders[k][step * B:(step + 1) * B])
                         x = augment(x)
                         if use_cutmix and np.random.rand() < args.mix_p:
                             x, y_a, y_b, lam_k = cutmix(x, y, args.beta)
@@ -351,6 +360,10 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
                                             test_batch_size(args))
                 best1 = [max(a, b) for a, b in zip(best1, final1)]
                 best5 = [max(a, b) for a, b in zip(best5, final5)]
+                if val_split is not None:
+                    val1, _ = group_test(group, val_split, info, device, ctx, args.test_bn, test_batch_size(args))
+                    for k in range(K):
+                        selections[k].update(epoch + 1, val1[k], final1[k])
                 for k in range(K):
                     curves[k].append([epoch + 1, final1[k]])
                 if hasattr(bar, 'set_postfix'):
@@ -359,19 +372,20 @@ def _train_group(model_name, train_set, info, test_split, args, device, ctx, see
     finally:
         slots.close()
     return [{'seed': seeds[k], 'top1': final1[k], 'top5': final5[k], 'best_top1': best1[k],
-             'best_top5': best5[k], 'test_curve': curves[k], 'state_dict': states[k]} for k in range(K)]
+             'best_top5': best5[k], 'test_curve': curves[k], 'state_dict': states[k],
+             **(selections[k].result() if val_split is not None else {})} for k in range(K)]
 
 
-def train_onthefly(G, model_name, info, test_split, args, device, ctx, seeds, runlog=None):
+def train_onthefly(G, model_name, info, test_split, args, device, ctx, seeds, runlog=None, val_split=None):
     """DiM's protocol once per seed: seed_everything(seed_k), then utils.evaluate.train_on_generator
     unchanged (with K = 1 and the default seed this is exactly the former validate.py)."""
     results = []
     for seed in seeds:
         seed_everything(seed)
         r = train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration=False,
-                               runlog=runlog)
-        results.append({'seed': seed, 'top1': r['top1'], 'top5': r['top5'], 'best_top1': r['best_top1'],
-                        'best_top5': r['best_top5'], 'iters_per_epoch': r['iters_per_epoch']})
+                               runlog=runlog, val_split=val_split)
+        r.pop('seconds')
+        results.append({'seed': seed, **r})
     return results
 
 
@@ -388,10 +402,13 @@ def mean_std(values):
 def summarise(architecture, results, seconds, stacked):
     row = {'architecture': architecture, 'seeds': [r['seed'] for r in results], 'stacked': stacked,
            'wall_seconds': round(seconds, 3)}
-    for key in ('top1', 'best_top1', 'top5', 'best_top5'):
+    selected = 'selected_top1' in results[0]  # --val-per-class
+    for key in ('top1', 'best_top1', 'top5', 'best_top5') + (('selected_top1', 'val_top1') if selected else ()):
         values = [r[key] for r in results]
         row[key] = values
         row[f'{key}_mean'], row[f'{key}_std'] = mean_std(values)
+    if selected:
+        row['selected_epoch'] = [r['selected_epoch'] for r in results]
     row['test_curves'] = [r['test_curve'] for r in results if 'test_curve' in r]
     return row
 
@@ -400,13 +417,16 @@ def markdown_table(report):
     """The report as a markdown table, one row per architecture."""
     K = report['num_eval']
     ipc = report['ipc'] if report['ipc'] is not None else 'all'
+    selected = report.get('val_per_class')
     lines = ["| method | protocol | test BN | dataset | ipc | model | runs | top-1 final (mean ± std) "
-             "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("| top-1 at the test selected on held-out train images (mean ± std) " if selected else "")
+             + "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if selected else "") + "---|---|"]
     for r in report['rows']:
-        lines.append(f"| {report['method']} | {report['protocol']} | {report['test_bn']} | {report['dataset']} | {ipc} "
-                     f"| {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
-                     f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
+        lines.append(f"| {report['method']} | {report['protocol']} | {report['test_bn']} | {report['dataset']} "
+                     f"| {ipc} | {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+                     + (f"| {r['selected_top1_mean']:.2f} ± {r['selected_top1_std']:.2f} " if selected else "")
+                     + f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
                      f"| {r['top5_mean']:.2f} ± {r['top5_std']:.2f} |")
     return '\n'.join(lines)
 
@@ -419,6 +439,29 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
         f.write('\n')
     os.replace(tmp, path)
+
+
+HOLDOUT_SEED = 0  # the same held-out images for every run with the same --val-per-class
+
+
+def hold_out(split, num_classes, per_class):
+    """(held-out Split of `per_class` images per class, Split of the rest), drawn with HOLDOUT_SEED:
+    real training images that nothing in the evaluation trains on, to select an epoch without the
+    test set (validate.py --val-per-class)."""
+    idx = random_subset_indices(split.labels, num_classes, per_class, HOLDOUT_SEED, 'held-out images',
+                                '--val-per-class')
+    rest = torch.ones(len(split), dtype=torch.bool)
+    rest[idx] = False
+    return Split(split.images[idx], split.labels[idx]), Split(split.images[rest], split.labels[rest])
+
+
+def storage(G, info, ipc):
+    """What the evaluated method stores: the generator's parameters (fp32 and bf16 bytes) against
+    ipc x classes real images as uint8, what a distilled set of that size stores."""
+    params = sum(p.numel() for p in G.parameters()) if G is not None else None
+    images = None if ipc is None else ipc * info.num_classes * info.channels * info.img_size ** 2
+    return {'generator_parameters': params, 'generator_bytes_fp32': params and 4 * params,
+            'generator_bytes_bf16': params and 2 * params, 'ipc_images_bytes_uint8': images}
 
 
 def build_train_set(method, G, info, train_split, ipc, set_seed, device):
@@ -448,24 +491,44 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         raise ValueError("baselines are trained with the fixed protocol")
     seeds = classifier_seeds(args.seed, args.num_eval)
     set_seed = args.seed if getattr(args, 'set_seed', None) is None else args.set_seed
+    # seed k trains on the set drawn with set_seed + k, so the spread covers the draw of the set;
+    # --fixed-set: every seed on the one set of set_seed (the spread of the classifier training alone)
+    fixed_set = getattr(args, 'fixed_set', False) or method == 'full'
+    set_seeds = [set_seed] * len(seeds) if fixed_set else [set_seed + k for k in range(len(seeds))]
     start = time.time()
-    train_set = None
+    val_split = None
+    if getattr(args, 'val_per_class', 0):
+        val_split, train_split = hold_out(train_split, info.num_classes, args.val_per_class)
+        print(f"held out {len(val_split)} real training images ({args.val_per_class} per class) to select the "
+              f"epoch; the baselines draw from the other {len(train_split)}")
+    train_sets = None
     if protocol == 'fixed':
-        train_set = build_train_set(method, G, info, train_split, args.ipc, set_seed, device)
-        print(f"fixed training set ({method}): {len(train_set)} images, "
-              f"{math.ceil(len(train_set) / args.batch_size)} minibatches of up to {args.batch_size} per epoch")
+        built = {}
+        for s in set_seeds:
+            if s not in built:
+                built[s] = build_train_set(method, G, info, train_split, args.ipc, s, device)
+        train_sets = [built[s] for s in set_seeds]
+        print(f"fixed training set ({method}): {len(train_sets[0])} images"
+              + (f" per seed, drawn with set seeds {set_seeds}" if len(built) > 1 else "")
+              + f", {math.ceil(len(train_sets[0]) / args.batch_size)} minibatches of up to {args.batch_size} "
+              "per epoch")
     rows = []
     for name in args.eval_model:
         t0 = time.time()
         if protocol == 'onthefly':
-            results, stacked = train_onthefly(G, name, info, test_split, args, device, ctx, seeds, runlog), False
+            results = train_onthefly(G, name, info, test_split, args, device, ctx, seeds, runlog, val_split)
+            stacked = False
         else:
-            results, stacked = train_fixed(name, train_set, info, test_split, args, device, ctx, seeds,
-                                           stack=not getattr(args, 'no_stack', False), runlog=runlog)
+            results, stacked = train_fixed(name, train_sets, info, test_split, args, device, ctx, seeds,
+                                           stack=not getattr(args, 'no_stack', False), runlog=runlog,
+                                           val_split=val_split)
         row = summarise(name, results, time.time() - t0, stacked)
         rows.append(row)
-        print(f"  [{name}] top-1 final {row['top1_mean']:.2f} ± {row['top1_std']:.2f}, best (selected on "
-              f"test) {row['best_top1_mean']:.2f} ± {row['best_top1_std']:.2f} over {len(seeds)} seed(s), "
+        print(f"  [{name}] top-1 final {row['top1_mean']:.2f} ± {row['top1_std']:.2f}, "
+              + (f"at the test selected on held-out images {row['selected_top1_mean']:.2f} ± "
+                 f"{row['selected_top1_std']:.2f}, " if val_split is not None else "")
+              + f"best (selected on test) {row['best_top1_mean']:.2f} ± {row['best_top1_std']:.2f} over "
+              f"{len(seeds)} seed(s), "
               f"{row['wall_seconds']:.0f}s{' (stacked)' if stacked else ''}")
         if runlog is not None:
             runlog.scalars({f'Eval/{method}/{protocol}/{name}/top1': row['top1_mean'],
@@ -478,11 +541,16 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'num_classes': info.num_classes,
         'ipc': None if method == 'full' else args.ipc,
         'test_bn': args.test_bn,
-        'train_images': len(train_set) if train_set is not None else None,
+        'train_images': len(train_sets[0]) if train_sets is not None else None,
+        'val_per_class': getattr(args, 'val_per_class', 0),
+        'val_images': len(val_split) if val_split is not None else 0,
+        'storage': storage(G if method == 'dim' else None, info, None if method == 'full' else args.ipc),
         'architectures': list(args.eval_model),
         'num_eval': args.num_eval,
         'seeds': seeds,
         'set_seed': set_seed if protocol == 'fixed' and method != 'full' else None,
+        'set_seeds': set_seeds if protocol == 'fixed' and method != 'full' else None,
+        'fixed_set': fixed_set if protocol == 'fixed' and method != 'full' else None,
         'generator_checkpoint': os.path.abspath(checkpoint) if checkpoint and method == 'dim' else None,
         'generator_sha256': file_sha256(checkpoint) if checkpoint and method == 'dim' else None,
         'recipe': {
@@ -498,6 +566,8 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
                        'running: eval mode',
             'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
+            'selected_top1': 'top-1 (%) at the periodic test whose accuracy on the held-out real training '
+                             'images (--val-per-class) was highest (earliest on ties)',
             'top5': 'top-5 (%) after the last epoch',
             'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',
             'std': 'population standard deviation over the seeds (ddof=0)',

@@ -1,0 +1,196 @@
+"""Every result row of docs/RESULTS.md for one dataset: DiM after stage 1 and after stages 1 + 2, under
+both protocols, beside a random real subset and the full training set, all through the same code.
+
+    python misc/reproduce.py digits                      # the cpu schedule (2 CPU cores)
+    python misc/reproduce.py mnist --data-dir data       # torchvision MNIST under data/
+    python misc/reproduce.py cifar10 --schedule paper    # the paper's schedule, for a GPU
+    python misc/reproduce.py digits --collect            # only gather the finished rows into docs/
+
+It runs the three scripts as a user would (subprocesses, tags repro-<dataset>-<schedule>-*), so each
+step is resumable: a finished step (its final checkpoint or eval.json exists) is skipped, a stopped
+stage continues with --resume. Run it again after an interruption. It prints the schedule, and the wall
+time of every step; at the end it writes docs/results.json and docs/RESULTS.md (all datasets found) and
+copies the final sample grids to figs/.
+
+Evaluation rows use held-out real training images for selection (--val-per-class), several seeds each
+drawing its own set (--num-eval), and the generator of the last epoch of each stage (no selection on
+the test set anywhere in the pipeline).
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
+RESULTS_MD = os.path.join(ROOT, 'docs', 'RESULTS.md')
+
+# The schedules. `paper` is the official one (150 + 100 epochs at width 196, 1000 evaluation epochs).
+# `cpu` fits about 90 minutes per dataset on 2 CPU cores; docs/RESULTS.md says why each number was chosen.
+SCHEDULES = {
+    'paper': dict(width=196, stage1=dict(epochs=150, lr=1e-4, batch_size=128),
+                  stage2=dict(epochs=100, lr=5e-6, batch_size=64, epochs_match_train=16),
+                  eval=dict(epochs_eval=1000, test_interval=200, num_eval=3, val_per_class=10),
+                  stage_eval_ipc=50, ipcs=(1, 10, 50), eval_models=('convnet', 'resnet18'), full_epochs=1000),
+    'cpu': {
+        'digits': dict(width=64, stage1=dict(epochs=50, lr=1e-3, batch_size=128),
+                       stage2=dict(epochs=4, lr=1e-4, batch_size=64, epochs_match_train=16),
+                       eval=dict(epochs_eval=100, test_interval=20, num_eval=3, val_per_class=10),
+                       stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=30),
+        'mnist': dict(width=32, stage1=dict(epochs=2, lr=5e-4, batch_size=128), stage2=None,
+                      eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
+                      stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
+    },
+}
+
+
+def schedule_for(dataset, name):
+    if name == 'paper':
+        return SCHEDULES['paper']
+    if dataset not in SCHEDULES['cpu']:
+        raise SystemExit(f"error: no cpu schedule for {dataset}; choose from {', '.join(SCHEDULES['cpu'])} "
+                         "or use --schedule paper")
+    return SCHEDULES['cpu'][dataset]
+
+
+def run(script, *flags, log):
+    """Run one of the repository's scripts; stop the whole reproduction if it fails."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
+    print('$ ' + ' '.join(cmd[1:]), flush=True)
+    start = time.time()
+    with open(log, 'a') as f:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.time() - start
+    if code != 0:
+        raise SystemExit(f"error: {script} exited with {code}; see {log}. Run the same command again to resume.")
+    print(f"  done in {seconds / 60:.1f} min", flush=True)
+    return seconds
+
+
+class Reproduction:
+    def __init__(self, args):
+        self.args = args
+        self.dataset, self.schedule_name = args.dataset, args.schedule
+        self.s = schedule_for(args.dataset, args.schedule)
+        self.prefix = f'repro-{self.dataset}-{self.schedule_name}'
+        self.results = os.path.join(ROOT, 'results')
+        self.log = os.path.join(ROOT, 'logs', f'{self.prefix}.log')
+        os.makedirs(os.path.dirname(self.log), exist_ok=True)
+        self.common = ['--data', self.dataset, '--device', args.device, '--no-progress']
+        if args.data_dir:
+            self.common += ['--data-dir', args.data_dir]
+        self.times_path = os.path.join(self.results, f'{self.prefix}-times.json')
+        self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
+
+    def path(self, tag, name):
+        return os.path.join(self.results, f'{self.prefix}-{tag}', name)
+
+    def timed(self, key, seconds):
+        """Add a step's wall time (summed over resumed parts) and the commit it ran at."""
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or None
+        before = self.times.get(key, {}).get('seconds', 0.0)
+        self.times[key] = {'seconds': before + seconds, 'commit': commit}
+        os.makedirs(self.results, exist_ok=True)
+        with open(self.times_path, 'w') as f:
+            json.dump(self.times, f, indent=1)
+
+    def stage(self, key, script, tag, flags, done):
+        if os.path.exists(done):
+            print(f"{key}: done ({os.path.relpath(done, ROOT)})")
+            return
+        resume = ['--resume'] if os.path.exists(self.path(tag, 'last.pth')) else []
+        self.timed(key, run(script, *self.common, '--tag', f'{self.prefix}-{tag}', *flags, *resume, log=self.log))
+
+    def stage1(self):
+        st = self.s['stage1']
+        flags = ['--width', self.s['width'], '--epochs', st['epochs'], '--lr', st['lr'],
+                 '--batch-size', st['batch_size'], '--eval-interval', st['epochs'], *self.stage_eval_flags()]
+        final = self.path('s1', f"model_dict_{st['epochs'] - 1}.pth")
+        self.stage('stage1', 'gen_condense.py', 's1', flags, final)
+        return final
+
+    def stage2(self, weight):
+        st = self.s['stage2']
+        flags = ['--weight', weight, '--match', 'logit', '--match-aug', '--epochs', st['epochs'], '--lr', st['lr'],
+                 '--batch-size', st['batch_size'], '--epochs-match-train', st['epochs_match_train'],
+                 '--eval-interval', st['epochs'], *self.stage_eval_flags()]
+        final = self.path('s2', 'final.pth')
+        self.stage('stage2', 'pool_match.py', 's2', flags, final)
+        if not os.path.exists(final):  # the generator of the last epoch, not the one selected on test
+            shutil.copyfile(self.path('s2', 'last.pth'), final)
+        return final
+
+    def stage_eval_flags(self):
+        """The validation each stage runs after its last epoch (one ConvNet, printed in its log)."""
+        return ['--eval-model', 'convnet', '--ipc', self.s['stage_eval_ipc'], *self.eval_flags()]
+
+    def eval_flags(self):
+        e = self.s['eval']
+        return ['--epochs-eval', e['epochs_eval'], '--test-interval', e['test_interval']]
+
+    def evaluate(self, key, tag, flags, models=None):
+        e = self.s['eval']
+        report = self.path(tag, 'eval.json')
+        if os.path.exists(report):
+            print(f"{key}: done")
+            return
+        self.timed(key, run('validate.py', *self.common, '--tag', f'{self.prefix}-{tag}', *self.eval_flags(),
+                            '--num-eval', e['num_eval'], '--val-per-class', e['val_per_class'],
+                            '--eval-model', *(models or self.s['eval_models']), *flags, log=self.log))
+
+    def all(self):
+        print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")
+        print(f"log of every step: {os.path.relpath(self.log, ROOT)}")
+        generators = {'1': self.stage1()}
+        if self.s.get('stage2'):
+            generators['1+2'] = self.stage2(generators['1'])
+        # ipc 1 and 10 first, then the full training set, then ipc 50: the cheapest rows come first
+        ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
+        for ipc in ipcs:
+            if ipc == 'full':
+                self.evaluate('eval full', 'full', ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
+                                                    '--test-interval', max(1, self.s['full_epochs'] // 3)])
+                continue
+            for stages, weight in generators.items():
+                for protocol in ('onthefly', 'fixed'):
+                    tag = f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}"
+                    self.evaluate(f'eval {tag}', tag, ['--pretrain-weight', weight, '--protocol', protocol,
+                                                       '--ipc', ipc])
+            self.evaluate(f'eval random-ipc{ipc}', f'random-ipc{ipc}', ['--baseline', 'random', '--ipc', ipc])
+        grids = sorted(glob.glob(self.path('s1', os.path.join('outputs', 'img_*.png'))),
+                       key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
+        if grids:
+            shutil.copyfile(grids[-1], os.path.join(ROOT, 'figs', f'{self.dataset}_{self.schedule_name}_stage1.png'))
+        grids2 = sorted(glob.glob(self.path('s2', os.path.join('outputs', 'img_*.png'))),
+                        key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
+        if grids2:
+            shutil.copyfile(grids2[-1], os.path.join(ROOT, 'figs', f'{self.dataset}_{self.schedule_name}_stage2.png'))
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('dataset', help='digits, mnist (cpu schedule) or any dataset of gen_condense.py (paper)')
+    p.add_argument('--schedule', default='cpu', choices=('cpu', 'paper'))
+    p.add_argument('--data-dir', default=None, help='passed to every script')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--collect', action='store_true', help='only write docs/results.json and docs/RESULTS.md')
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
+    if not args.collect:
+        Reproduction(args).all()
+    from misc.results import collect
+    collect(os.path.join(ROOT, 'results'), RESULTS_JSON, RESULTS_MD)
+
+
+if __name__ == '__main__':
+    main()

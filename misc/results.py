@@ -1,0 +1,156 @@
+"""Gather the eval.json files that misc/reproduce.py left under results/repro-* into docs/results.json
+(one record per dataset, protocol, method, stages, ipc, architecture and selection) and docs/RESULTS.md.
+
+    python misc/results.py            # the same as: python misc/reproduce.py DATASET --collect
+
+Only what was measured goes in; the published numbers quoted beside them are in QUOTED, each with its
+source, and are never mixed into the measured records.
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TAG = re.compile(r'repro-(?P<dataset>[a-z0-9]+)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
+# how the accuracy of one classifier is read: at the last epoch, at the periodic test chosen on held-out
+# real training images (--val-per-class), or the best periodic test (chosen on the test set: optimistic)
+SELECTIONS = {'final': 'top1', 'held-out': 'selected_top1', 'best-on-test': 'best_top1'}
+
+# Published ConvNet-3 accuracies (%), quoted, not measured here: dataset -> method -> {ipc: value}
+QUOTED = {
+    'mnist': {
+        'source': 'DC, DSA: the DatasetCondensation repository README (VICO-UoE/DatasetCondensation); IDC: the '
+                  'IDC repository README (snu-mllab/Efficient-Dataset-Condensation); random subset and whole '
+                  'dataset: Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021, Table 1',
+        'DC': {1: 91.7, 10: 97.4, 50: 98.8},
+        'DSA': {1: 88.7, 10: 97.8, 50: 99.2},
+        'IDC': {1: 94.2, 10: 98.4, 50: 99.1},
+        'random': {1: 64.9, 10: 95.1, 50: 97.9},
+        'full': {None: 99.6},
+    },
+}
+
+
+def records_of(report_path, schedules, times):
+    m = TAG.match(os.path.basename(os.path.dirname(report_path)))
+    if not m:
+        return []
+    with open(report_path) as f:
+        report = json.load(f)
+    tag = m['tag']
+    stages = None
+    if report['method'] == 'dim':
+        stages = '1+2' if tag.startswith('dim-s12-') else '1'
+    key = f'eval {tag}'
+    step = times.get(key, {})
+    out = []
+    for row in report['rows']:
+        for selection, field in SELECTIONS.items():
+            if field not in row:
+                continue
+            store = report.get('storage') or {}
+            out.append({
+                'dataset': m['dataset'], 'protocol': report['protocol'], 'method': report['method'],
+                'stages': stages, 'ipc': report['ipc'], 'arch': row['architecture'], 'test_bn': report['test_bn'],
+                'selection': selection, 'mean': round(row[f'{field}_mean'], 2), 'std': round(row[f'{field}_std'], 2),
+                'seeds': row['seeds'], 'set_seeds': report.get('set_seeds'),
+                'accuracies': [round(v, 2) for v in row[field]],
+                'schedule': {'name': m['schedule'], **schedules.get(m['schedule'], {})},
+                'storage_bytes': {'generator_fp32': store.get('generator_bytes_fp32'),
+                                  'generator_bf16': store.get('generator_bytes_bf16'),
+                                  'ipc_images_uint8': store.get('ipc_images_bytes_uint8')},
+                'wall_s': round(row['wall_seconds'], 1), 'device': report['device'], 'torch': report['torch'],
+                'commit': step.get('commit'),
+            })
+    return out
+
+
+def collect(results_dir, json_path, md_path):
+    from misc.reproduce import schedule_for
+
+    records, stage_times = [], {}
+    for path in sorted(glob.glob(os.path.join(results_dir, 'repro-*', 'eval.json'))):
+        m = TAG.match(os.path.basename(os.path.dirname(path)))
+        if not m:
+            continue
+        times_path = os.path.join(results_dir, f"repro-{m['dataset']}-{m['schedule']}-times.json")
+        times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+        stage_times[(m['dataset'], m['schedule'])] = {k: v for k, v in times.items() if k.startswith('stage')}
+        try:
+            schedule = schedule_for(m['dataset'], m['schedule'])
+        except SystemExit:
+            schedule = {}
+        records += records_of(path, {m['schedule']: schedule}, times)
+    with open(json_path, 'w') as f:
+        json.dump({'records': records, 'stage_wall_s': {f'{d}/{s}': {k: round(v['seconds'], 1) for k, v in t.items()}
+                                                        for (d, s), t in stage_times.items()},
+                   'quoted': QUOTED}, f, indent=1)
+        f.write('\n')
+    write_between_markers(md_path, markdown(records, stage_times))
+    print(f"wrote {len(records)} records to {os.path.relpath(json_path, ROOT)} and {os.path.relpath(md_path, ROOT)}")
+
+
+BEGIN, END = '<!-- measured results: begin (misc/results.py writes this part) -->', '<!-- measured results: end -->'
+
+
+def write_between_markers(path, generated):
+    """Replace the generated part of docs/RESULTS.md, keeping the prose around it."""
+    text = open(path).read() if os.path.exists(path) else f'# Results\n\n{BEGIN}\n{END}\n'
+    if BEGIN not in text or END not in text:
+        text += f'\n{BEGIN}\n{END}\n'
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, 'w') as f:
+        f.write(f'{head}{BEGIN}\n{generated}{END}{tail}')
+
+
+def _cell(records, **match):
+    hits = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+    if not hits:
+        return '–'
+    r = hits[0]
+    return f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
+def markdown(records, stage_times):
+    """The measured tables, one per dataset, schedule and architecture (held-out selection), with the
+    quoted published numbers in separate columns."""
+    lines = []
+    keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records})
+    for dataset, schedule, arch in keys:
+        mine = [r for r in records if r['dataset'] == dataset and r['schedule']['name'] == schedule
+                and r['arch'] == arch and r['selection'] == 'held-out']
+        quoted = QUOTED.get(dataset, {}) if arch == 'convnet' else {}
+        qcols = [k for k in ('random', 'DC', 'DSA', 'IDC') if k in quoted]
+        lines += [f'## {dataset}, {schedule} schedule, {arch}', '']
+        header = ['ipc', 'random real subset', 'DiM stage 1, on the fly', 'DiM stage 1, fixed set',
+                  'DiM stages 1+2, on the fly', 'DiM stages 1+2, fixed set', 'full training set']
+        header += [f'{k} (quoted)' for k in qcols]
+        lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        full = _cell(mine, method='full')
+        for ipc in sorted({r['ipc'] for r in mine if r['ipc'] is not None}):
+            cells = [str(ipc), _cell(mine, method='random', ipc=ipc),
+                     _cell(mine, method='dim', stages='1', protocol='onthefly', ipc=ipc),
+                     _cell(mine, method='dim', stages='1', protocol='fixed', ipc=ipc),
+                     _cell(mine, method='dim', stages='1+2', protocol='onthefly', ipc=ipc),
+                     _cell(mine, method='dim', stages='1+2', protocol='fixed', ipc=ipc), full]
+            cells += [str(quoted[k].get(ipc, '–')) for k in qcols]
+            lines.append('| ' + ' | '.join(cells) + ' |')
+        if quoted:
+            lines += ['', f"Quoted columns (published, not measured here): {quoted['source']}."
+                      + (f" Full training set (quoted): {quoted['full'][None]}." if 'full' in quoted else '')]
+        times = stage_times.get((dataset, schedule), {})
+        if times:
+            lines += ['', 'Wall time: ' + ', '.join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in sorted(times.items()))
+                      + f" ({mine[0]['device'] if mine else '?'}, torch {mine[0]['torch'] if mine else '?'})."]
+        lines.append('')
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    collect(os.path.join(ROOT, 'results'), os.path.join(ROOT, 'docs', 'results.json'),
+            os.path.join(ROOT, 'docs', 'RESULTS.md'))
