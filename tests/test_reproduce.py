@@ -1,0 +1,128 @@
+"""misc/reproduce.py (every results row, resumable), misc/results.py (the records and RESULTS.md) and
+misc/compare.py (several reports in one table), on real reports of tiny evaluations."""
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+from data.datasets import load_dataset
+from misc import reproduce
+from misc.results import BEGIN, END, collect
+from tests.helpers import ROOT, save_tiny_generator
+from utils.protocols import run_evaluation
+
+CPU = torch.device('cpu')
+NOCTX = torch.autocast('cpu', enabled=False)
+
+
+def _args(**kw):
+    base = dict(protocol='fixed', baseline=None, num_eval=2, seed=7, set_seed=None, no_stack=False, ipc=1,
+                epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
+                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
+                weight_decay=5e-4, test_bn='running', fixed_set=False, val_per_class=2)
+    base.update(kw)
+    return Namespace(**base)
+
+
+@pytest.fixture(scope='module')
+def reports(tmp_path_factory):
+    """Two real reports laid out as misc/reproduce.py leaves them."""
+    info, train, test = load_dataset('digits')
+    test = type(test)(test.images[:40], test.labels[:40])
+    root = tmp_path_factory.mktemp('results')
+    G = save_tiny_generator(str(root / 'g.pth'), info, seed=0)
+    made = {'random-ipc1': run_evaluation(_args(baseline='random'), info, train, test, CPU, NOCTX),
+            'dim-s12-fixed-ipc1': run_evaluation(_args(), info, train, test, CPU, NOCTX, G=G,
+                                                 checkpoint=str(root / 'g.pth'))}
+    for tag, report in made.items():
+        folder = root / f'repro-digits-cpu-{tag}'
+        folder.mkdir()
+        (folder / 'eval.json').write_text(json.dumps(report))
+    (root / 'repro-digits-cpu-times.json').write_text(json.dumps(
+        {'stage1': {'seconds': 60.0, 'commit': 'abc1234'}, 'eval random-ipc1': {'seconds': 5.0, 'commit': 'abc1234'}}))
+    return root, made
+
+
+def test_collect_writes_one_record_per_selection_and_keeps_the_prose(reports, tmp_path):
+    root, made = reports
+    md = tmp_path / 'RESULTS.md'
+    md.write_text(f'# Results\n\nprose before\n\n{BEGIN}\nold table\n{END}\n\nprose after\n')
+    collect(str(root), str(tmp_path / 'results.json'), str(md))
+    records = json.loads((tmp_path / 'results.json').read_text())['records']
+    assert len(records) == 2 * 3  # two reports x (final, held-out, best-on-test)
+    rand = [r for r in records if r['method'] == 'random']
+    assert {r['selection'] for r in rand} == {'final', 'held-out', 'best-on-test'}
+    held = next(r for r in rand if r['selection'] == 'held-out')
+    row = made['random-ipc1']['rows'][0]
+    assert held['accuracies'] == [round(v, 2) for v in row['selected_top1']] and held['seeds'] == [7, 8]
+    assert held['set_seeds'] == [7, 8] and held['commit'] == 'abc1234' and held['stages'] is None
+    assert held['schedule']['name'] == 'cpu' and held['schedule']['width'] == 64
+    for key in ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'test_bn', 'selection', 'mean', 'std',
+                'seeds', 'accuracies', 'schedule', 'storage_bytes', 'wall_s', 'device', 'torch', 'commit'):
+        assert key in held, key
+    dim = next(r for r in records if r['method'] == 'dim' and r['selection'] == 'final')
+    assert dim['stages'] == '1+2' and dim['storage_bytes']['generator_fp32'] > 0
+    text = md.read_text()
+    assert 'prose before' in text and 'prose after' in text and 'old table' not in text
+    assert '## digits, cpu schedule, convnet' in text
+    mean, std = row['selected_top1_mean'], row['selected_top1_std']
+    assert f'| 1 | {mean:.1f} ± {std:.1f} |' in text  # the random column of the ipc-1 row
+
+
+def test_compare_prints_reports_under_one_header(reports):
+    root, _ = reports
+    paths = [str(root / f'repro-digits-cpu-{t}' / 'eval.json') for t in ('random-ipc1', 'dim-s12-fixed-ipc1')]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'compare.py'), *paths], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.count('| method |') == 1 and '| random | fixed |' in out and '| dim | fixed |' in out
+
+
+def test_reproduce_runs_each_step_once_and_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(script, *flags, log):
+        flags = [str(f) for f in flags]
+        calls.append((script, flags))
+        tag = flags[flags.index('--tag') + 1]
+        folder = tmp_path / 'results' / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        if script == 'validate.py':
+            (folder / 'eval.json').write_text('{}')
+        elif script == 'gen_condense.py':
+            (folder / 'model_dict_49.pth').write_text('')
+        else:
+            (folder / 'last.pth').write_text('')
+        return 1.0
+    monkeypatch.setattr(reproduce, 'run', fake_run)
+    monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
+    (tmp_path / 'figs').mkdir()
+    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu')
+    # a stage-2 run that was stopped: its last.pth is there, so it continues with --resume
+    (tmp_path / 'results' / 'repro-digits-cpu-s2').mkdir(parents=True)
+    (tmp_path / 'results' / 'repro-digits-cpu-s2' / 'last.pth').write_text('')
+    reproduce.Reproduction(args).all()
+    scripts = [c[0] for c in calls]
+    assert scripts[:2] == ['gen_condense.py', 'pool_match.py'] and '--resume' in calls[1][1]
+    assert '--resume' not in calls[0][1]
+    # 3 ipcs x 2 generators x 2 protocols + 3 random + full
+    assert scripts.count('validate.py') == 12 + 3 + 1
+    tags = [c[1][c[1].index('--tag') + 1] for c in calls]
+    assert tags.index('repro-digits-cpu-full') < tags.index('repro-digits-cpu-random-ipc50')  # cheap rows first
+    for script, flags in calls:
+        if script == 'validate.py':
+            assert flags[flags.index('--val-per-class') + 1] == '10' and flags[flags.index('--num-eval') + 1] == '3'
+    times = json.loads((tmp_path / 'results' / 'repro-digits-cpu-times.json').read_text())
+    assert times['stage1']['seconds'] == 1.0
+    calls.clear()
+    reproduce.Reproduction(args).all()  # everything is done: nothing runs again
+    assert calls == []
+
+
+def test_reproduce_refuses_a_dataset_without_cpu_schedule():
+    with pytest.raises(SystemExit, match='no cpu schedule for svhn'):
+        reproduce.schedule_for('svhn', 'cpu')
+    assert reproduce.schedule_for('svhn', 'paper')['width'] == 196
