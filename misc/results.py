@@ -23,14 +23,13 @@ SELECTIONS = {'final': 'top1', 'held-out': 'selected_top1', 'best-on-test': 'bes
 # Published ConvNet-3 accuracies (%), quoted, not measured here: dataset -> method -> {ipc: value}
 QUOTED = {
     'mnist': {
-        'source': 'DC, DSA: the DatasetCondensation repository README (VICO-UoE/DatasetCondensation); IDC: the '
-                  'IDC repository README (snu-mllab/Efficient-Dataset-Condensation); random subset and whole '
-                  'dataset: Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021, Table 1',
+        # as the project's issue quotes the two READMEs; not re-read here (they could not be opened offline)
+        'source': 'DC, DSA: the README of the DatasetCondensation repository (VICO-UoE); IDC: the README of '
+                  'Efficient-Dataset-Condensation (snu-mllab). Random-subset and full-data figures are left out: '
+                  'no source for them could be checked',
         'DC': {1: 91.7, 10: 97.4, 50: 98.8},
         'DSA': {1: 88.7, 10: 97.8, 50: 99.2},
         'IDC': {1: 94.2, 10: 98.4, 50: 99.1},
-        'random': {1: 64.9, 10: 95.1, 50: 97.9},
-        'full': {None: 99.6},
     },
 }
 

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from argparse import Namespace
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 import validate
 from data.datasets import Split, load_dataset
-from tests.helpers import save_tiny_generator
+from tests.helpers import eval_args as make_args, save_tiny_generator
 from utils.errors import UserError
 from utils.evaluate import train_on_generator
 from utils.protocols import (TrainSet, classifier_seeds, draw_fixed_set, markdown_table, random_subset_indices,
@@ -42,15 +41,6 @@ def gen_ckpt(tmp_path_factory, digits):
     """A tiny, untrained generator saved as a stage-1 checkpoint of this repository."""
     path = str(tmp_path_factory.mktemp('gen') / 'gen.pth')
     return path, save_tiny_generator(path, digits[0], seed=0)
-
-
-def make_args(**kw):
-    base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, no_stack=False, ipc=1,
-                epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
-                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
-                weight_decay=5e-4, test_bn='running', fixed_set=False, val_per_class=0)
-    base.update(kw)
-    return Namespace(**base)
 
 
 @contextmanager

@@ -146,20 +146,15 @@ def ref_resnet_ap(model, x, stem):
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('in_planes,planes,stride', [(16, 16, 1), (16, 32, 1), (16, 32, 2)])
-def test_ap_basic_block_order(in_planes, planes, stride):
+@pytest.mark.parametrize('block_type,in_planes,planes,stride', [
+    (BasicBlock, 16, 16, 1), (BasicBlock, 16, 32, 1), (BasicBlock, 16, 32, 2),
+    (Bottleneck, 64, 16, 1), (Bottleneck, 32, 16, 1), (Bottleneck, 64, 16, 2)])
+def test_ap_block_order(block_type, in_planes, planes, stride):
     torch.manual_seed(0)
-    block = BasicBlock(in_planes, planes, stride, ap=True)
+    block = block_type(in_planes, planes, stride, ap=True)
     x = torch.randn(4, in_planes, 8, 8)
-    torch.testing.assert_close(block(x), ref_basic(block, x, stride), **TOL)
-
-
-@pytest.mark.parametrize('in_planes,planes,stride', [(64, 16, 1), (32, 16, 1), (64, 16, 2)])
-def test_ap_bottleneck_order(in_planes, planes, stride):
-    torch.manual_seed(0)
-    block = Bottleneck(in_planes, planes, stride, ap=True)
-    x = torch.randn(4, in_planes, 8, 8)
-    torch.testing.assert_close(block(x), ref_bottleneck(block, x, stride), **TOL)
+    ref = ref_basic if block_type is BasicBlock else ref_bottleneck
+    torch.testing.assert_close(block(x), ref(block, x, stride), **TOL)
 
 
 @pytest.mark.parametrize('name,stem', [('resnet10_ap', 'cifar'), ('resnet18_ap', 'cifar'), ('resnet10_ap', 'imagenet'),

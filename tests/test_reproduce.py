@@ -12,7 +12,7 @@ import torch
 from data.datasets import load_dataset
 from misc import reproduce
 from misc.results import BEGIN, END, collect
-from tests.helpers import ROOT, save_tiny_generator
+from tests.helpers import ROOT, eval_args, save_tiny_generator
 from utils.protocols import run_evaluation
 
 CPU = torch.device('cpu')
@@ -20,12 +20,7 @@ NOCTX = torch.autocast('cpu', enabled=False)
 
 
 def _args(**kw):
-    base = dict(protocol='fixed', baseline=None, num_eval=2, seed=7, set_seed=None, no_stack=False, ipc=1,
-                epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
-                mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
-                weight_decay=5e-4, test_bn='running', fixed_set=False, val_per_class=2)
-    base.update(kw)
-    return Namespace(**base)
+    return eval_args(num_eval=2, val_per_class=2, **kw)
 
 
 @pytest.fixture(scope='module')
