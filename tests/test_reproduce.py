@@ -121,3 +121,22 @@ def test_reproduce_refuses_a_dataset_without_cpu_schedule():
     with pytest.raises(SystemExit, match='no cpu schedule for svhn'):
         reproduce.schedule_for('svhn', 'cpu')
     assert reproduce.schedule_for('svhn', 'paper')['width'] == 196
+
+
+def test_diagnose_reports_conditioning_and_spread(tmp_path):
+    info = load_dataset('digits')[0]
+    save_tiny_generator(str(tmp_path / 'g.pth'), info, seed=0)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'diagnose.py'), '--pretrain-weight',
+                          str(tmp_path / 'g.pth'), '--epochs', '1', '--per-class', '4'], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / 'diagnose.json').read_text())
+    assert 50 < report['judge_real_test_top1'] <= 100  # one real-data epoch already learns digits
+    for mode in ('G_eval_mode', 'G_train_mode'):
+        r = report[mode]
+        assert 0 <= r['conditioning_top1'] <= 100 and len(r['conditioning_top1_per_class']) == 10
+        assert r['within_class_distance'] > 0 and len(r['pixel_mean']) == 1
+    assert report['real_pixel_mean'][0] == pytest.approx(0.305, abs=0.01)  # digits' table value
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'diagnose.py'), '--pretrain-weight',
+                          str(tmp_path / 'g.pth'), '--per-class', '1'], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
