@@ -1,0 +1,114 @@
+"""How much of the repository one step of each stage runs: the files and functions a reader follows.
+
+    python misc/reading_path.py            # digits, tiny widths, on the CPU; about a minute
+
+For one stage-1 iteration and one stage-2 iteration (the second of the run, so one-off set-up is
+out) it records, with sys.setprofile, every function of this repository that runs between the
+loop's fetch of a batch and its next fetch: the step, the bookkeeping after it, and what those call.
+For `validate.py --protocol fixed --num-eval 3` it records every repository function of the whole
+run. It prints the count of files and functions and lists them: the measure of issue 12.
+"""
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import gen_condense  # noqa: E402
+import pool_match  # noqa: E402
+import validate  # noqa: E402
+
+SKIP = (os.path.join(ROOT, '.venv'), os.path.join(ROOT, 'tests'), os.path.join(ROOT, 'misc'))
+
+
+class Recorder:
+    """Repository functions called while `on`, as {file: {function}}."""
+
+    def __init__(self):
+        self.on, self.seen = False, defaultdict(set)
+
+    def __call__(self, frame, event, arg):
+        if event != 'call' or not self.on:
+            return
+        code = frame.f_code
+        if code.co_filename.startswith('<'):
+            return  # frozen standard-library modules and generated dataclass methods
+        path = os.path.abspath(code.co_filename)
+        if not path.startswith(ROOT + os.sep) or path.startswith(SKIP):
+            return
+        name = code.co_qualname if hasattr(code, 'co_qualname') else code.co_name
+        if code.co_name.startswith('<') and code.co_name != '<lambda>':
+            return  # comprehensions and module bodies are part of the function around them
+        self.seen[os.path.relpath(path, ROOT)].add(name)
+
+    def report(self, title):
+        functions = sum(len(v) for v in self.seen.values())
+        print(f"{title}: {len(self.seen)} files, {functions} functions")
+        for path in sorted(self.seen):
+            print(f"  {path}: {', '.join(sorted(self.seen[path]))}")
+        return len(self.seen), functions
+
+
+def second_iteration(script, argv, title):
+    """Record from the loop's second batch fetch to its third."""
+    recorder = Recorder()
+    fetches = {'n': 0}
+    import data.datasets as datasets
+    original = datasets.BatchStream.batches
+
+    def batches(self, order, start=0):
+        for item in original(self, order, start):
+            fetches['n'] += 1
+            recorder.on = fetches['n'] == 2
+            yield item
+            recorder.on = False
+    datasets.BatchStream.batches = batches
+    sys.argv = [script.__file__] + argv
+    sys.setprofile(recorder)
+    try:
+        script.main()
+    except SystemExit:
+        pass
+    finally:
+        sys.setprofile(None)
+        datasets.BatchStream.batches = original
+    return recorder.report(title)
+
+
+def whole_run(script, argv, title):
+    recorder = Recorder()
+    recorder.on = True
+    sys.argv = [script.__file__] + argv
+    sys.setprofile(recorder)
+    try:
+        script.main()
+    finally:
+        sys.setprofile(None)
+    return recorder.report(title)
+
+
+def main():
+    out = tempfile.mkdtemp(prefix='reading-path-')
+    common = ['--data', 'digits', '--device', 'cpu', '--width', '8', '--no-progress', '--output-dir', out,
+              '--logs-dir', out, '--print-freq', '1', '--eval-model', 'convnet', '--epochs-eval', '1',
+              '--ipc', '1']
+    second_iteration(gen_condense, common + ['--tag', 's1', '--epochs', '1', '--batch-size', '512',
+                                             '--eval-interval', '1'], 'one stage-1 iteration')
+    weight = os.path.join(out, 's1', 'model_dict_0.pth')
+    second_iteration(pool_match, common + ['--tag', 's2', '--epochs', '1', '--batch-size', '512', '--weight',
+                                           weight, '--match-aug', '--epochs-match-train', '2', '--pool', 'convnet',
+                                           '--eval-interval', '1'], 'one stage-2 iteration')
+    whole_run(validate, ['--device', 'cpu', '--no-progress', '--output-dir', out, '--logs-dir', out, '--tag', 'v',
+                         '--pretrain-weight', weight, '--protocol', 'fixed', '--num-eval', '3', '--ipc', '1',
+                         '--epochs-eval', '2', '--test-interval', '1'],
+              'validate.py --protocol fixed --num-eval 3')
+    lines = {d: sum(1 for f in os.listdir(os.path.join(ROOT, d)) if f.endswith('.py')
+                    for _ in open(os.path.join(ROOT, d, f))) for d in ('utils', 'data', 'models')}
+    print('lines of .py files: ' + ', '.join(f'{d}/ {n}' for d, n in lines.items()))
+
+
+if __name__ == '__main__':
+    main()
