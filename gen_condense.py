@@ -22,12 +22,12 @@ def get_parser():
     return p
 
 
-def train_iteration(r, images, labels):
+def train_iteration(nets, images, labels, ctx, gp_amp=False):
     """One GAN iteration on a real batch (uint8 images): generator step, then discriminator step."""
     real = to_gan_range(images)
-    metrics = generator_step(r.G_step, r.D_step, r.opt_g, labels, r.ctx, scaler=r.scaler_g)
-    metrics.update(discriminator_step(r.G_step, r.D_step, r.opt_d, real, labels, r.ctx, scaler=r.scaler_d,
-                                      gp_amp=r.fast.gp_amp))
+    metrics = generator_step(nets.G_train, nets.D_train, nets.opt_g, labels, ctx, nets.scaler_g)
+    metrics.update(discriminator_step(nets.G_train, nets.D_train, nets.opt_d, real, labels, ctx, nets.scaler_d,
+                                      gp_amp=gp_amp))
     return metrics
 
 
@@ -40,7 +40,7 @@ def train(r):
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs}')
             for images, labels in bar:
-                r.after_iteration(train_iteration(r, images, labels))
+                r.after_iteration(train_iteration(r.nets, images, labels, r.ctx, r.fast.gp_amp))
             r.end_epoch()
             if r.epoch % args.eval_interval == 0:
                 r.save(f'model_dict_{r.epoch - 1}.pth')  # the epoch's index from 0, the official name

@@ -14,14 +14,14 @@ import torch
 from data.datasets import to_gan_range
 from models import list_models
 from utils import distributed
-from utils.adversarial import discriminator_step, generator_step
+from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step, skipped_metric
 from utils.augment import make_augment, normalize
 from utils.checkpoint import LAST
 from utils.cli import add_match_flags, add_resume_flags, run, stage_parser
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.graphs import GraphedStep, capture_problem
-from utils.matching import feature_match_loss, gradient_match_loss, logit_match_loss
+from utils.matching import MATCH_LOSSES
 from utils.runtime import eager, load_optimizer_state
 from utils.stage import GanRun
 
@@ -54,52 +54,57 @@ def pool_train_augment(args):
 
 
 class Pool:
-    """The pool model of the current epoch, its optimizer, and the augmentations around it."""
+    """The pool model of the current epoch, its SGD optimizer, and the augmentations around it.
 
-    def __init__(self, r):
-        self.r, self.args = r, r.args
-        self.train_aug = pool_train_augment(self.args)
-        self.match_aug = make_augment(self.args.aug_type, self.args.mixup_net, batch=True)
+    `saved`: the pool entry of a resumed run's checkpoint (`state()`), read from `where`."""
+
+    def __init__(self, args, info, fast, train_stream, ctx, saved=None, where=None):
+        self.args, self.info, self.fast, self.train_stream, self.ctx = args, info, fast, train_stream, ctx
+        self.train_aug = pool_train_augment(args)
+        self.match_aug = make_augment(args.aug_type, args.mixup_net, batch=True)
         self.name = self.model = self.net = self.opt = None
-        self.scaler = r.fast.scaler()  # fp16 only; else None
+        self.scaler = fast.scaler()
         # the pool steps, replayed from a CUDA graph with --cuda-graphs (one capture per pool model)
-        graphs = self.args.cuda_graphs == 'on' and self.args.epochs_match_train > 0
+        graphs = args.cuda_graphs == 'on' and args.epochs_match_train > 0
+        if graphs:
+            problem = capture_problem(fast.device, amp=fast.amp, compile_mode=fast.compile,
+                                      distributed=distributed.is_dist(), data_device=train_stream.images.device,
+                                      host_random_augment=self.train_aug.draws_on_host)
+            if problem:
+                raise UserError(problem)
         self.graphed = GraphedStep(self._train_steps) if graphs else None
-        self.train_ctx = r.fast.ctx(cache=False) if self.graphed is not None else r.ctx
-        state = (r.ckpt or {}).get('pool') if r.resumed_from else None
-        if state:
+        self.train_ctx = fast.ctx(cache=False) if graphs else ctx
+        if saved:
             try:
                 # building draws initial weights; keep the random numbers the resume just restored
                 with torch.random.fork_rng(devices=[]):
-                    self.build(state['name'])
-                self.model.load_state_dict(state['model'])
-                load_optimizer_state(self.opt, state['optimizer'])
-                if self.scaler is not None and state.get('scaler'):
-                    self.scaler.load_state_dict(state['scaler'])
+                    self.build(saved['name'])
+                self.model.load_state_dict(saved['model'])
+                load_optimizer_state(self.opt, saved['optimizer'])
+                if self.scaler.is_enabled() and saved.get('scaler'):
+                    self.scaler.load_state_dict(saved['scaler'])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"--resume: the pool model in {r.resumed_from} does not fit "
-                                f"({type(e).__name__})") from None
+                raise UserError(f"--resume: the pool model in {where} does not fit ({type(e).__name__})") from None
 
     def build(self, name):
-        fast = self.r.fast
         self.name = name
-        self.model = build_classifier(name, self.r.info, self.r.device, fast)
+        self.model = build_classifier(name, self.info, self.fast.device, self.fast)
         self.opt = classifier_optimizer(self.model.parameters(), self.args, lr=self.args.pool_lr,
-                                        **fast.optimizer_kwargs(torch.optim.SGD))
+                                        **self.fast.optimizer_kwargs(torch.optim.SGD))
         # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
-        self.net = distributed.wrap(fast.compiled(self.model))
+        self.net = distributed.wrap(self.fast.compiled(self.model))
         if self.graphed is not None:
             self.graphed.reset()  # the capture holds the previous model's tensors
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict(),
-                         'scaler': self.scaler.state_dict() if self.scaler is not None else None}}
+                         'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None}}
 
     def to_pool_input(self, x):
         # As in the reference, the pool model sees the GAN's [-1, 1] images normalised again with the
         # dataset statistics (the validation classifiers see [0, 1] images normalised the same way).
         # In float32 whatever --amp made of x: real and generated halves get the same constants.
-        return normalize(x.float(), self.r.info.mean, self.r.info.std)
+        return normalize(x.float(), self.info.mean, self.info.std)
 
     def train_steps(self):
         """--epochs-match-train SGD steps on the first batches of a fresh shuffled pass over the real
@@ -108,57 +113,46 @@ class Pool:
         (self.graphed or self._train_steps)()
 
     def _train_steps(self):
-        for images, labels in self.r.train_stream.first_batches(self.args.epochs_match_train):
+        for images, labels in self.train_stream.first_batches(self.args.epochs_match_train):
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
             classifier_step(self.net, self.opt, x, labels, self.train_ctx, self.scaler)
 
     def match_loss(self, real, fake, labels):
-        """Train the pool model, then compare it on real and generated images; gradients reach G."""
-        self.train_steps()
+        """The pool model's --match comparison of real and generated images; gradients reach G."""
         if self.args.match_aug:  # one draw for both halves: the same transform on pair i
             real, fake = self.match_aug(torch.cat([self.to_pool_input(real), self.to_pool_input(fake)])).chunk(2)
         else:  # as the official code: the [-1, 1] images unnormalised, though the pool model trains on normalised ones
             real, fake = real.float(), fake.float()
-        if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params
-            return gradient_match_loss(eager(self.model), real, labels, fake, labels, self.args.metric,
-                                       self.args.bias, self.args.fc).float()
+        compare = MATCH_LOSSES[self.args.match]
+        if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params, fp32
+            return compare(eager(self.model), real, fake, labels, self.args).float()
         self.model.requires_grad_(False)  # only G needs gradients of the match term
         try:
-            with self.r.ctx:
-                if self.args.match == 'logit':
-                    return logit_match_loss(self.net, real, fake).float()
-                return feature_match_loss(self.model, real, fake, idx_from=self.args.idx_from,
-                                          idx_to=self.args.idx_to, metric=self.args.metric).float()
+            with self.ctx:  # logit: the net the steps call; feat: the module, which has features()
+                return compare(self.net if self.args.match == 'logit' else self.model, real, fake, labels,
+                               self.args).float()
         finally:
             self.model.requires_grad_(True)
 
 
-def check_cuda_graphs(r):
-    """Refuse --cuda-graphs, in one line, where a capture of the pool steps would not replay them
-    faithfully (or not at all)."""
-    if r.args.cuda_graphs != 'on':
-        return
-    problem = capture_problem(r.device, amp=r.fast.amp, compile_mode=r.fast.compile,
-                              distributed=distributed.is_dist(), data_device=r.train_stream.images.device,
-                              host_random_augment=pool_train_augment(r.args).draws_on_host)
-    if problem:
-        raise UserError(problem)
-
-
-def train_iteration(r, pool, images, labels):
-    """One stage-2 iteration on a real batch (uint8 images): the generator step with the pool model's
-    training and match term inside it, then stage 1's discriminator step."""
+def train_iteration(nets, pool, images, labels, ctx, gp_amp=False):
+    """One stage-2 iteration on a real batch (uint8 images), in the official order: the generator's GAN
+    loss, the pool model's training, the match term, the generator step; then stage 1's
+    discriminator step."""
     real = to_gan_range(images)
-    metrics = generator_step(r.G_step, r.D_step, r.opt_g, labels, r.ctx, scaler=r.scaler_g,
-                             extra_loss=lambda fake: pool.match_loss(real, fake, labels))
-    metrics.update(discriminator_step(r.G_step, r.D_step, r.opt_d, real, labels, r.ctx, scaler=r.scaler_d,
-                                      gp_amp=r.fast.gp_amp))
+    with critic_frozen(nets.D):
+        fake, loss_g = generator_loss(nets.G_train, nets.D_train, labels, ctx)
+        pool.train_steps()  # --epochs-match-train SGD steps of the pool model on real batches
+        loss_match = pool.match_loss(real, fake, labels)
+        skipped = optimizer_step(loss_g + loss_match, nets.opt_g, nets.scaler_g)
+    metrics = {'loss_g': loss_g.detach(), 'loss_match': loss_match.detach(), **skipped_metric('skipped_g', skipped)}
+    metrics.update(discriminator_step(nets.G_train, nets.D_train, nets.opt_d, real, labels, ctx, nets.scaler_d,
+                                      gp_amp=gp_amp))
     return metrics
 
 
-def train(r):
+def train(r, pool):
     args = r.args
-    pool = Pool(r)
     print(f"stage 2: {r.info.name}, match {args.match}{' + aug' if args.match_aug else ''}, pool "
           f"{' '.join(args.pool)}, {len(r.train_stream)} iterations per epoch, {args.epochs} epochs, "
           f"device {r.device}, {r.fast.describe()}")
@@ -170,7 +164,8 @@ def train(r):
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')
             for images, labels in bar:
-                r.after_iteration(train_iteration(r, pool, images, labels), save_extra=pool.state)
+                metrics = train_iteration(r.nets, pool, images, labels, r.ctx, r.fast.gp_amp)
+                r.after_iteration(metrics, save_extra=pool.state)
             r.end_epoch()
             r.validate_pending = r.epoch % args.eval_interval == 0
             r.save(LAST, pool.state())
@@ -195,7 +190,10 @@ def main():
     unknown = [m for m in args.pool if m not in list_models()]
     if unknown:
         raise UserError(f"unknown --pool model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
-    GanRun(args, 'pool_match', init_weight=args.weight, check=check_cuda_graphs).execute(train)
+    r = GanRun(args, 'pool_match', init_weight=args.weight)
+    saved = r.ckpt.get('pool') if r.resumed_from else None
+    pool = Pool(args, r.info, r.fast, r.train_stream, r.ctx, saved, r.resumed_from)
+    r.execute(lambda run: train(run, pool))
 
 
 if __name__ == '__main__':

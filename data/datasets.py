@@ -235,16 +235,30 @@ def storage_device(split, device, max_gb=8.0):
     return device if split.images.numel() / 2**30 <= max_gb else torch.device('cpu')
 
 
+def local_batch_size(batch_size, world):
+    """One process's share of the global --batch-size under torchrun; a one-line UserError unless it
+    divides evenly."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes (e.g. --batch-size {max(world, batch_size // world * world)})")
+    return batch_size // world
+
+
 class BatchStream:
     """Shuffled, drop-last batches of a Split, like the reference's DataLoader(shuffle, drop_last).
 
     The permutation comes from `generator` (a CPU torch.Generator whose state goes into checkpoints),
     so the data order is reproducible; `batches(order, start)` resumes a pass mid-way.
+
+    Under torchrun (`world` processes, this one `rank`) `batch_size` is the global batch: every rank
+    walks the same global batches, from the same generator state, and takes its own slice of each,
+    so the union over the ranks of an epoch is the single-process epoch; `len()` counts global batches.
     """
 
-    def __init__(self, split, batch_size, device, generator, shuffle=True, drop_last=True):
+    def __init__(self, split, batch_size, device, generator, shuffle=True, drop_last=True, rank=0, world=1):
         self.batch_size, self.device, self.generator = batch_size, device, generator
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank, self.world, self.local_batch = rank, world, local_batch_size(batch_size, world)
         where = storage_device(split, device)
         self.images = split.images.to(where)
         self.labels = split.labels.to(where)
@@ -264,9 +278,7 @@ class BatchStream:
         """Yield (uint8 images, labels) on the device for the pass `order`, skipping `start` batches."""
         order = order.to(self.images.device)
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield (self.images[idx].to(self.device, non_blocking=True),
-                   self.labels[idx].to(self.device, non_blocking=True))
+            yield self._take(order[i * self.batch_size:(i + 1) * self.batch_size])
 
     def first_batches(self, count):
         """The first `count` batches of a fresh shuffled pass (fewer if a pass has fewer): the pool
@@ -275,12 +287,22 @@ class BatchStream:
         batches are disjoint. The pass is the argsort of float64 uniform keys (ties practically never
         happen) drawn where the images are, with torch's global RNG of that device (checkpointed with
         the other RNG states): a CPU randperm cost milliseconds of host time per step, and its copy to
-        the GPU waited for the GPU."""
+        the GPU waited for the GPU. Under torchrun the keys come from the data generator instead: the
+        global RNGs differ between ranks, it is in the same state on all, so they agree on each global
+        batch without communicating."""
         count = min(count, len(self))
-        order = pass_order(len(self.labels), self.images.device)
-        for idx in order[:count * self.batch_size].view(count, self.batch_size):
-            yield (self.images[idx].to(self.device, non_blocking=True),
-                   self.labels[idx].to(self.device, non_blocking=True))
+        if self.world == 1:
+            order = pass_order(len(self.labels), self.images.device)
+        else:
+            order = pass_order(len(self.labels), 'cpu', self.generator).to(self.images.device)
+        for i in range(count):
+            yield self._take(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def _take(self, global_batch):
+        """This process's slice of a global batch of indices, on the device (all of it in one process)."""
+        idx = global_batch[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        return (self.images[idx].to(self.device, non_blocking=True),
+                self.labels[idx].to(self.device, non_blocking=True))
 
 
 def pass_order(n, device, generator=None):

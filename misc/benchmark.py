@@ -51,7 +51,6 @@ from utils.evaluate import (build_classifier, classifier_optimizer, classifier_s
                             iterations_per_epoch, test)
 from utils.runtime import (COMPILE_MODES, OPTIM_IMPLS, SWITCH, FastPath, select_device,  # noqa: E402
                            setup_backend)
-from utils.stage import adam  # noqa: E402
 
 INFO = DATASETS['cifar10']
 POOL = pool_match.POOL
@@ -74,45 +73,41 @@ def _endless(stream):
         yield from stream.batches(stream.new_order())
 
 
-def gan_run(fast, width, batch, train_size, lr, info=INFO, seed=0):
-    """What a GanRun holds for the steps: nets, optimizers, scalers, autocast, the batch stream."""
+def gan_nets(fast, width, lr, info=INFO, seed=0):
+    """The stages' GanNets (build_gan) at `width`, from `seed`."""
     g_cfg = dict(num_classes=info.num_classes, channels=info.channels, img_size=info.img_size,
                  dim_noise=100, width=width)
     d_cfg = dict(num_classes=info.num_classes, channels=info.channels, img_size=info.img_size, width=width)
     torch.manual_seed(seed)
-    nets = build_gan(g_cfg, d_cfg, fast, lambda params, **impl: adam(params, lr, **impl))
-    stream = BatchStream(random_split(train_size, seed, info), batch, fast.device,
-                         torch.Generator().manual_seed(seed))
-    return SimpleNamespace(**vars(nets), ctx=fast.ctx(), fast=fast, device=fast.device, info=info,
-                           train_stream=stream, ckpt=None, resumed_from=None)
+    return build_gan(g_cfg, d_cfg, fast, lr)
 
 
 def stage1_workload(fast, width=196, batch=128, train_size=CIFAR_TRAIN, seed=0):
-    r = gan_run(fast, width, batch, train_size, lr=gen_condense.get_parser().get_default('lr'), seed=seed)
-    batches = _endless(r.train_stream)
+    nets = gan_nets(fast, width, gen_condense.get_parser().get_default('lr'), seed=seed)
+    stream = BatchStream(random_split(train_size, seed), batch, fast.device, torch.Generator().manual_seed(seed))
+    batches, ctx = _endless(stream), fast.ctx()
 
     def step():
         images, labels = next(batches)
-        return gen_condense.train_iteration(r, images, labels)
-    return SimpleNamespace(step=step, batch=batch, modules={'G': r.G, 'D': r.D}, run=r)
+        return gen_condense.train_iteration(nets, images, labels, ctx, fast.gp_amp)
+    return SimpleNamespace(step=step, batch=batch, modules={'G': nets.G, 'D': nets.D}, nets=nets)
 
 
 def stage2_workload(fast, pool_model, width=196, batch=64, pool_steps=16, train_size=CIFAR_TRAIN, seed=0,
                     cuda_graphs='off'):
     args = pool_match.get_parser().parse_args(['--match', 'logit', '--match-aug', '--cuda-graphs', cuda_graphs,
                                                '--epochs-match-train', str(pool_steps)])
-    r = gan_run(fast, width, batch, train_size, lr=args.lr, seed=seed)
-    r.args = args
-    pool_match.check_cuda_graphs(r)
-    pool = pool_match.Pool(r)
+    nets = gan_nets(fast, width, args.lr, seed=seed)
+    stream = BatchStream(random_split(train_size, seed), batch, fast.device, torch.Generator().manual_seed(seed))
+    batches, ctx = _endless(stream), fast.ctx()
+    pool = pool_match.Pool(args, INFO, fast, stream, ctx)  # refuses --cuda-graphs where it can't capture
     pool.build(pool_model)
-    batches = _endless(r.train_stream)
 
     def step():
         images, labels = next(batches)
-        return pool_match.train_iteration(r, pool, images, labels)
-    return SimpleNamespace(step=step, batch=batch, modules={'G': r.G, 'D': r.D, 'pool': pool.model}, run=r,
-                           pool=pool)
+        return pool_match.train_iteration(nets, pool, images, labels, ctx, fast.gp_amp)
+    return SimpleNamespace(step=step, batch=batch, modules={'G': nets.G, 'D': nets.D, 'pool': pool.model},
+                           nets=nets, pool=pool)
 
 
 def validation_workload(fast, model_name, width=196, batch=128, seed=0, info=INFO):

@@ -35,6 +35,7 @@ from models import Discriminator, Generator
 from utils import adversarial, distributed
 from utils.errors import Interrupted, UserError
 from utils.matching import gradient_penalty
+from utils.runtime import make_scaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
@@ -61,23 +62,22 @@ def test_without_torchrun_nothing_changes(monkeypatch):
     model = nn.Linear(2, 2)
     assert distributed.wrap(model) is model and distributed.is_main() and distributed.world_size() == 1
     assert distributed.broadcast_object('x') == 'x' and distributed.first_bad_step(torch.tensor(-1)) == -1
-    run = argparse.Namespace(args=args, G=model, D=model, G_step=model, D_step=model, train_stream='stream',
-                             iteration=0)
+    nets = argparse.Namespace(G=model, D=model, G_train=model, D_train=model)
     state = torch.get_rng_state()
-    distributed.prepare(run)
-    assert run.G_step is model and run.D_step is model and run.train_stream == 'stream'
+    distributed.prepare(nets, args, iteration=0)
+    assert nets.G_train is model and nets.D_train is model and nets.G is model
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def _stream(n=50, batch=12, seed=5):
+def _stream(n=50, batch=12, seed=5, rank=0, world=1):
     split = Split(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(),
                   torch.arange(n))
-    return BatchStream(split, batch, CPU, torch.Generator().manual_seed(seed))
+    return BatchStream(split, batch, CPU, torch.Generator().manual_seed(seed), rank=rank, world=world)
 
 
 def test_shards_of_every_batch_make_the_single_process_batch():
     single = _stream()
-    shards = [distributed.ShardedStream(_stream(), r, 3) for r in range(3)]
+    shards = [_stream(rank=r, world=3) for r in range(3)]
     assert [len(s) for s in shards] == [len(single)] * 3 and shards[0].local_batch == 4
     order = single.new_order()
     orders = [s.new_order() for s in shards]  # same generator state: same permutation everywhere
@@ -96,7 +96,7 @@ def test_shards_of_every_batch_make_the_single_process_batch():
     assert len(pool) == 3 and all(len(images) == single.batch_size for images in pool)
     assert len({tuple(x.flatten().tolist()) for x in torch.cat(pool)}) == 3 * single.batch_size
     with pytest.raises(UserError):
-        distributed.ShardedStream(_stream(batch=10), 0, 3)
+        _stream(batch=10, rank=0, world=3)
 
 
 # -- two processes ---------------------------------------------------------------------------
@@ -127,10 +127,10 @@ def _one_iteration(G, D, real, labels, fake_labels, alpha):
     """generator step, then discriminator step with fixed fake labels and penalty mixes."""
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    adversarial.generator_step(G, D, opt_g, labels, contextlib.nullcontext())
+    adversarial.generator_step(G, D, opt_g, labels, contextlib.nullcontext(), make_scaler('off', CPU))
     with mock.patch.object(torch, 'randint', lambda *a, **k: fake_labels.clone()), \
             mock.patch.object(adversarial, 'gradient_penalty', functools.partial(gradient_penalty, alpha=alpha)):
-        adversarial.discriminator_step(G, D, opt_d, real, labels, contextlib.nullcontext())
+        adversarial.discriminator_step(G, D, opt_d, real, labels, contextlib.nullcontext(), make_scaler('off', CPU))
 
 
 def _worker(rank, init_file):

@@ -97,9 +97,9 @@ WORKLOADS = {
 def build(loop, fast, adam_eps=ADAM_EPS):
     """`loop`: a WORKLOADS name, or a function of the fast path that builds a workload."""
     work = (WORKLOADS[loop] if isinstance(loop, str) else loop)(fast)  # seeds itself before building
-    run = getattr(work, 'run', None)
-    if run is not None and adam_eps is not None:
-        for opt in (run.opt_g, run.opt_d):
+    nets = getattr(work, 'nets', None)
+    if nets is not None and adam_eps is not None:
+        for opt in (nets.opt_g, nets.opt_d):
             for group in opt.param_groups:
                 group['eps'] = adam_eps
     return work
@@ -147,7 +147,7 @@ def test_fast_path_matches_plain(loop, fast, plain_runs, well_conditioned):
     convs = [m.weight for mod in work.modules.values() for m in mod.modules() if isinstance(m, torch.nn.Conv2d)]
     layout = torch.channels_last if FAST[fast].channels_last else torch.contiguous_format
     assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
-    opts = [work.run.opt_g, work.run.opt_d] if hasattr(work, 'run') else []
+    opts = [work.nets.opt_g, work.nets.opt_d] if hasattr(work, 'nets') else []
     for opt in opts:
         assert bool(opt.defaults.get('fused')) == (FAST[fast].optim_impl == 'fused')
 
@@ -249,7 +249,7 @@ def test_gradient_penalty_scale_leaves_the_value_unchanged():
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def _d_step(amp, scaler=None, gp_amp=False, seed=0):
+def _d_step(amp, scaler, gp_amp=False, seed=0):
     from models import Generator
     torch.manual_seed(seed)
     G, D = Generator(10, 3, 32, width=8), Discriminator(10, 3, 32, width=8)
@@ -257,7 +257,7 @@ def _d_step(amp, scaler=None, gp_amp=False, seed=0):
     real, labels = torch.rand(6, 3, 32, 32) * 2 - 1, torch.randint(10, (6,))
     before = [p.detach().clone() for p in D.parameters()]
     torch.manual_seed(seed + 1)
-    out = discriminator_step(G, D, opt, real, labels, autocast(amp, CPU), scaler=scaler, gp_amp=gp_amp)
+    out = discriminator_step(G, D, opt, real, labels, autocast(amp, CPU), scaler, gp_amp=gp_amp)
     moved = max((p.detach() - b).abs().max().item() for p, b in zip(D.parameters(), before))
     return {k: float(v) for k, v in out.items()}, moved
 
@@ -265,10 +265,10 @@ def _d_step(amp, scaler=None, gp_amp=False, seed=0):
 @pytest.mark.parametrize('gp_amp', [False, True], ids=['gp_fp32', 'gp_amp'])
 @pytest.mark.parametrize('amp', ['bf16', pytest.param('fp16', marks=needs_fp16)])
 def test_discriminator_step_double_backward_under_amp(amp, gp_amp):
-    ref, moved_ref = _d_step('off')
+    ref, moved_ref = _d_step('off', make_scaler('off', CPU))
     scaler = make_scaler(amp, CPU)
-    assert (scaler is not None) == (amp == 'fp16')
-    if scaler is not None:  # a scale this tiny critic does not overflow at once (see the overflow test)
+    assert scaler.is_enabled() == (amp == 'fp16')
+    if scaler.is_enabled():  # a scale this tiny critic does not overflow at once (see the overflow test)
         scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     out, moved = _d_step(amp, scaler, gp_amp)
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values()), out
@@ -334,7 +334,7 @@ def test_fp16_generator_and_classifier_steps_with_scaler():
         if amp == 'fp16':  # a scale this tiny generator does not overflow at once
             scaler_g = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
         labels = torch.randint(10, (6,))
-        out = generator_step(G, D, opt_g, labels, autocast(amp, CPU), scaler=scaler_g)
+        out = generator_step(G, D, opt_g, labels, autocast(amp, CPU), scaler_g)
         loss_c = classifier_step(model, opt_c, torch.randn(6, 3, 32, 32), labels, autocast(amp, CPU), scaler_c)
         if amp == 'off':
             ref_g, ref_c = float(out['loss_g']), float(loss_c)

@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -378,8 +379,21 @@ def test_gradient_match_unknown_metric(setup):
         gradient_match_loss(model, real, labels, real, labels, metric='l2')
 
 
-def test_match_losses_registry():
-    assert MATCH_LOSSES == {'logit': logit_match_loss, 'feat': feature_match_loss, 'grad': gradient_match_loss}
+def test_match_losses_table_passes_the_flags_through(setup):
+    """The --match table computes each loss with the flags' options (idx, metric, bias, fc): a wrong
+    or dropped option changes the value."""
+    model, gen, real, z, labels = setup
+    fake = gen(z).detach()
+    opts = SimpleNamespace(idx_from=1, idx_to=2, metric='mse', bias=True, fc=True)
+    expected = {'logit': logit_match_loss(model, real, fake),
+                'feat': feature_match_loss(model, real, fake, idx_from=1, idx_to=2, metric='mse'),
+                'grad': gradient_match_loss(model, real, labels, fake, labels, 'mse', bias=True, fc=True)}
+    assert set(MATCH_LOSSES) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(MATCH_LOSSES[name](model, real, fake, labels, opts), value, rtol=0, atol=0)
+    defaults = SimpleNamespace(idx_from=0, idx_to=-1, metric='l1', bias=False, fc=False)
+    for name in ('feat', 'grad'):
+        assert not torch.equal(MATCH_LOSSES[name](model, real, fake, labels, defaults), expected[name])
 
 
 def test_losses_under_autocast(setup):

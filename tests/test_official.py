@@ -3,7 +3,6 @@ official name and default, the flags that act in the official code act here, and
 tested as the official code tests them (train-mode BatchNorm) unless --test-bn says otherwise."""
 import json
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from utils.augment import normalize
 from utils.cli import NO_EFFECT
 import utils.evaluate as evaluate
 from utils.protocols import group_test, ClassifierGroup
+from utils.runtime import FastPath
 
 # The official parsers, flag -> (default, a non-default value), from the reference notes
 # (shared/reference/DIM_REFERENCE.md, "Flags"). A value of True marks a store_true switch.
@@ -229,14 +229,14 @@ def test_test_bn_defaults_follow_the_protocol_and_reach_the_report(tiny_data, mo
 # the match input
 
 def _pool(match_aug):
+    """A real Pool on a CIFAR-like dataset, its pool net replaced by a recorder of what it sees."""
     info = DatasetInfo('toy', 3, 32, 10, (0.491, 0.482, 0.447), (0.202, 0.199, 0.201), 'cifar')
-    pool = pool_match.Pool.__new__(pool_match.Pool)  # only the input handling, no run around it
-    pool.r = SimpleNamespace(info=info, ctx=torch.autocast('cpu', enabled=False))
-    pool.args = SimpleNamespace(match_aug=match_aug, match='logit')
-    pool.train_steps = lambda: None
+    args = pool_match.get_parser().parse_args(['--match-aug'] if match_aug else [])
+    fast = FastPath.plain(torch.device('cpu'))
+    pool = pool_match.Pool(args, info, fast, train_stream=None, ctx=fast.ctx())
+    pool.build('convnet')
     seen = []
     pool.net = lambda x: seen.append(x) or x.flatten(1)[:, :10]
-    pool.model = torch.nn.Linear(1, 1)
     pool.match_aug = lambda x: x
     return pool, seen
 
@@ -247,7 +247,7 @@ def test_generated_images_are_normalised_in_float32_under_bf16():
     half = pool.to_pool_input(x.to(torch.bfloat16))
     assert half.dtype == torch.float32
     # the same constants as the real half: exactly fp32 normalisation of the (bf16-rounded) pixels
-    torch.testing.assert_close(half, normalize(x.to(torch.bfloat16).float(), pool.r.info.mean, pool.r.info.std),
+    torch.testing.assert_close(half, normalize(x.to(torch.bfloat16).float(), pool.info.mean, pool.info.std),
                                rtol=0, atol=0)
 
 
@@ -256,7 +256,7 @@ def test_match_input_is_normalised_only_with_match_aug(match_aug):
     pool, seen = _pool(match_aug)
     real, fake = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     pool.match_loss(real, fake.to(torch.bfloat16), torch.tensor([0, 1]))
-    expect_real = normalize(real, pool.r.info.mean, pool.r.info.std) if match_aug else real
+    expect_real = normalize(real, pool.info.mean, pool.info.std) if match_aug else real
     torch.testing.assert_close(seen[0], expect_real)
     assert all(x.dtype == torch.float32 for x in seen)
 

@@ -2,39 +2,59 @@
 
 Losses return as device tensors (no .item()), so nothing waits on the GPU inside the loop.
 
-`G` and `D` may be torch.compile wrappers (`FastPath.compiled`): they share their parameters with the
-plain modules. The gradient penalty differentiates the critic's input gradient (double backward), which
+The steps take the networks they call (`GanNets.G_train`, `D_train`), which may be torch.compile
+or DistributedDataParallel wrappers sharing their parameters with the plain modules. The gradient penalty differentiates the critic's input gradient (double backward), which
 compiled graphs do not support, so it always runs the plain critic (`eager(D)`).
 
 The penalty runs in fp32 by default (TF32 convolutions on CUDA unless --deterministic: the precision
 the reference had, cuDNN allowing TF32 by default): it is a function of the critic's input gradient,
 which half precision moves a lot -- in a CPU check at width 196, bf16 moved the penalty by 4% and its
 weight gradients by 6% (median), fp16 by 2% and 3%, against float64 (fp32: 1e-4 and 4e-4).
-`gp_amp=True` (--gp-amp) runs it under the autocast context as well. With fp16 (a `scaler` given)
+`gp_amp=True` (--gp-amp) runs it under the autocast context as well. With fp16 (the scaler enabled)
 its input gradient is then taken of the scaled critic output and unscaled afterwards, so small
 gradients do not flush to zero; when that scaled gradient overflows, the scaler skips the step and
 backs off. Such a step is not a divergence: its penalty is reported as 0. Steps the scaler skipped
 are counted in `skipped_d` / `skipped_g`.
 """
-from types import SimpleNamespace
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models import Discriminator, Generator, conditional_noise
 from utils.matching import gradient_penalty
 from utils.runtime import backward_step, eager, scale_value
 
 
-def build_gan(g_cfg, d_cfg, fast, make_optimizer):
-    """G and D as the fast path wants them, their optimizers `make_optimizer(params, **impl)`, the
-    callables the steps run (compiled with --compile) and the fp16 loss scalers (else None)."""
+def adam(params, lr, **impl):
+    # betas as two floats: the reference's (0, 0.9) mixed an int and a float, which current PyTorch refuses
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), **impl)
+
+
+@dataclass
+class GanNets:
+    """The two networks of a GAN stage and what trains them. `G` and `D` are the modules checkpoints
+    save; `G_train` and `D_train` are what the steps call: the same parameters, compiled with
+    --compile and wrapped in DistributedDataParallel under torchrun (else the modules themselves)."""
+    G: Generator
+    D: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    G_train: nn.Module
+    D_train: nn.Module
+    scaler_g: torch.amp.GradScaler  # fp16 loss scaling; disabled (plain backward and step) otherwise
+    scaler_d: torch.amp.GradScaler
+
+
+def build_gan(g_cfg, d_cfg, fast, lr):
+    """G and D as the fast path wants them, with their Adam optimizers at `lr` and loss scalers."""
     G, D = fast.prepare(Generator(**g_cfg)), fast.prepare(Discriminator(**d_cfg))
     impl = fast.optimizer_kwargs(torch.optim.Adam)
-    return SimpleNamespace(G=G, D=D, opt_g=make_optimizer(G.parameters(), **impl),
-                           opt_d=make_optimizer(D.parameters(), **impl),
-                           G_step=fast.compiled(G), D_step=fast.compiled(D),
-                           scaler_g=fast.scaler(), scaler_d=fast.scaler())
+    return GanNets(G=G, D=D, opt_g=adam(G.parameters(), lr, **impl), opt_d=adam(D.parameters(), lr, **impl),
+                   G_train=fast.compiled(G), D_train=fast.compiled(D),
+                   scaler_g=fast.scaler(), scaler_d=fast.scaler())
 
 
 def generate(G, labels):
@@ -42,40 +62,40 @@ def generate(G, labels):
     return G(conditional_noise(labels, G.num_classes, G.dim_noise))
 
 
-def _set_requires_grad(module, flag):
-    for p in module.parameters():
-        p.requires_grad_(flag)
-
-
-def generator_step(G, D, opt_g, labels, ctx, extra_loss=None, scaler=None):
-    """loss_G = -mean(critic(G(z))) + CE(classes(G(z)), labels), z conditioned on `labels`.
-
-    `extra_loss(fake)` is called after the adversarial loss is formed and its value added before the
-    step: stage 2 trains its pool model there and returns the match term.
-    """
-    D.eval()  # the critic has no BatchNorm, so this only mirrors the reference
-    _set_requires_grad(D, False)  # G's gradients flow through D; D's own are not needed here
+@contextmanager
+def critic_frozen(D):
+    """The generator's update: its gradients flow through D, D's own are not needed (and D is in eval
+    mode, which only mirrors the reference: the critic has no BatchNorm)."""
+    D.eval()
+    for p in D.parameters():
+        p.requires_grad_(False)
     try:
-        with ctx:
-            fake = generate(G, labels)
-            critic, logits = D(fake)
-            loss = -critic.float().mean() + F.cross_entropy(logits.float(), labels)
-        match = extra_loss(fake) if extra_loss is not None else None
-        total = loss if match is None else loss + match
-        opt_g.zero_grad(set_to_none=True)
-        skipped = _step(total, opt_g, scaler, labels.device)
+        yield
     finally:
-        _set_requires_grad(D, True)
+        for p in D.parameters():
+            p.requires_grad_(True)
         D.train()
-    out = {'loss_g': loss.detach()}
-    if match is not None:
-        out['loss_match'] = match.detach()
-    if skipped is not None:
-        out['skipped_g'] = skipped
-    return out
 
 
-def discriminator_step(G, D, opt_d, real, real_labels, ctx, gp_weight=10.0, scaler=None, gp_amp=False):
+def generator_loss(G, D, labels, ctx):
+    """(fake, loss): fake = G(z) with z conditioned on `labels`, and the generator's GAN loss
+    -mean(critic(fake)) + CE(classes(fake), labels). Run it inside `critic_frozen(D)`."""
+    with ctx:
+        fake = generate(G, labels)
+        critic, logits = D(fake)
+        loss = -critic.float().mean() + F.cross_entropy(logits.float(), labels)
+    return fake, loss
+
+
+def generator_step(G, D, opt_g, labels, ctx, scaler):
+    """Stage 1's generator update: generator_loss, backward, Adam step."""
+    with critic_frozen(D):
+        _, loss = generator_loss(G, D, labels, ctx)
+        skipped = optimizer_step(loss, opt_g, scaler)
+    return {'loss_g': loss.detach(), **skipped_metric('skipped_g', skipped)}
+
+
+def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False, gp_weight=10.0):
     """loss_D = mean(critic(fake)) - mean(critic(real)) + CE(fake) + CE(real) + GP, fake labels uniform.
 
     G stays in train mode while it draws the fakes (without gradient), as in the reference, so its
@@ -92,17 +112,15 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, gp_weight=10.0, scal
         adv = critic[n:].mean() - critic[:n].mean()
         ce = F.cross_entropy(logits[n:], fake_labels) + F.cross_entropy(logits[:n], real_labels)
     plain_critic = eager(D)
-    grad_scale = scale_value(scaler, real.device) if scaler is not None and gp_amp else None
+    grad_scale = scale_value(scaler, real.device) if scaler.is_enabled() and gp_amp else None
     with ctx if gp_amp else torch.autocast(real.device.type, enabled=False):
         gp = gradient_penalty(lambda x: plain_critic(x)[0].float(), real, fake.to(real.dtype),
                               weight=gp_weight, grad_scale=grad_scale)
     loss = adv + ce + gp
-    opt_d.zero_grad(set_to_none=True)
-    skipped = _step(loss, opt_d, scaler, real.device)
+    skipped = optimizer_step(loss, opt_d, scaler)
     out = {'loss_d': loss.detach(), 'wasserstein': -adv.detach(), 'gp': gp.detach(),
-           'acc_real': (logits[:n].argmax(1) == real_labels).float().mean().detach()}
-    if skipped is not None:
-        out['skipped_d'] = skipped
+           'acc_real': (logits[:n].argmax(1) == real_labels).float().mean().detach(),
+           **skipped_metric('skipped_d', skipped)}
     if grad_scale is not None:
         # an overflow of the scaled penalty gradient: the scaler skipped this step (see module doc)
         shown = torch.where(torch.isfinite(out['gp']), out['gp'], torch.zeros_like(out['gp']))
@@ -111,12 +129,18 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, gp_weight=10.0, scal
     return out
 
 
-def _step(loss, opt, scaler, device):
-    """backward_step; with a scaler, also whether it skipped the step (1.0) -- a device tensor: the
-    scale only goes down when an overflow made the scaler skip."""
-    if scaler is None:
-        backward_step(loss, opt)
+def optimizer_step(loss, opt, scaler):
+    """Zero the gradients, backward, step (backward_step). Under fp16 loss scaling, also whether the
+    scaler skipped the step (1.0), as a device tensor: the scale only goes down when an overflow made
+    it skip. None without loss scaling."""
+    opt.zero_grad(set_to_none=True)
+    if not scaler.is_enabled():
+        backward_step(loss, opt, scaler)
         return None
-    before = scale_value(scaler, device)
+    before = scale_value(scaler, loss.device)
     backward_step(loss, opt, scaler)
-    return (scale_value(scaler, device) < before).float()
+    return (scale_value(scaler, loss.device) < before).float()
+
+
+def skipped_metric(name, skipped):
+    return {} if skipped is None else {name: skipped}

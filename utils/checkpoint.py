@@ -24,9 +24,9 @@ import torch
 from models.gan import (OFFICIAL_DISCRIMINATOR_NAMES, OFFICIAL_GENERATOR_NAMES, Discriminator,
                         Generator)
 from utils.errors import UserError
+from utils.runtime import load_optimizer_state
 
 FORMAT = 'dim-repro/1'
-OFFICIAL_KEYS = ('generator', 'discriminator', 'optim_g', 'optim_d')
 LAST = 'last.pth'  # rolling checkpoint that --resume picks up
 TMP_PREFIX, TMP_SUFFIX = '.tmp-', '.pth'  # partial writes; never picked up by --resume
 # what --resume needs besides the weights to continue exactly where the run stopped
@@ -165,6 +165,30 @@ def load_state(module, state, path, what):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: its {what} does not fit the model the flags describe ({first})") from None
+
+
+def load_generator(ckpt, info, path, device='cpu'):
+    """The generator a loaded checkpoint holds (stage 1 or 2, or an official file), rebuilt from the
+    checkpoint's own configuration, on `device`: what validate.py, misc/export.py and misc/diagnose.py
+    evaluate. `path` names the file in errors."""
+    g_cfg, _ = gan_configs(ckpt, info)
+    G = Generator(**g_cfg).to(device)
+    load_state(G, ckpt['generator'], path, 'generator')
+    return G
+
+
+def load_gan_state(nets, ckpt, path):
+    """Load a checkpoint's generator, discriminator and their Adam states into a stage's GanNets
+    (built from gan_configs(ckpt)); an official file's optimizer states were re-indexed on loading."""
+    load_state(nets.G, ckpt['generator'], path, 'generator')
+    load_state(nets.D, ckpt['discriminator'], path, 'discriminator')
+    for key, opt in (('optim_g', nets.opt_g), ('optim_d', nets.opt_d)):
+        if key in ckpt:
+            try:
+                load_optimizer_state(opt, ckpt[key])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: its {key} does not fit ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 # -- the official layout ------------------------------------------------------------------------
@@ -310,6 +334,3 @@ def _remap_optimizer(opt, state, layout, model, table, path, key, what):
     return {**opt, 'state': dict(sorted(remapped.items())),
             'param_groups': [{**groups[0], 'params': list(range(len(params)))}]}
 
-
-def last_checkpoint_path(results_dir):
-    return os.path.join(results_dir, LAST)

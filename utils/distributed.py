@@ -8,13 +8,13 @@ its input, so a plain `python gen_condense.py` runs exactly as before. Under tor
 * `setup` joins the process group: NCCL on cuda:LOCAL_RANK, gloo on the CPU, plus a gloo "control"
   group with a long timeout for the small messages below (rank 0 may validate for a long time while
   the others wait; a NCCL collective would time out).
-* `prepare` wraps G and D in DDP (`run.G_step`, `run.D_step`; `run.G`/`run.D` stay the bare modules,
-  so checkpoints keep the single-process keys), optionally converts G's BatchNorm to SyncBatchNorm
-  (--sync-bn), shards the data stream, and gives every rank other than 0 its own random stream.
+* `prepare` wraps G and D in DDP (`nets.G_train`, `nets.D_train`; `nets.G`/`nets.D` stay the bare
+  modules, so checkpoints keep the single-process keys), optionally converts G's BatchNorm to
+  SyncBatchNorm (--sync-bn), and gives every rank other than 0 its own random stream.
 * `--batch-size` stays the global batch: every global batch of the single-process data order is cut
-  into world_size slices, one per rank (`ShardedStream`), so the union over the ranks of an epoch is
-  the single-process epoch.
-* Only rank 0 writes (checkpoints, sample grids, logs, tensorboard: `QuietRunLog` on the others) and
+  into world_size slices, one per rank (`data.datasets.BatchStream` with `rank`, `world`), so the
+  union over the ranks of an epoch is the single-process epoch.
+* Only rank 0 writes (checkpoints, sample grids, logs, tensorboard: `RunLog(quiet=True)` on the others) and
   validates (`main_rank_only`); every rank gets its result. Stop signals and NaN checks are agreed
   between the ranks, so they all stop at the same iteration; logged losses are averaged over them.
 * `local_main_first`: one dataset download per node.
@@ -26,15 +26,13 @@ import contextlib
 import datetime
 import functools
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data.datasets import pass_order
+from data.datasets import local_batch_size
 from utils.errors import Interrupted, UserError
-from utils.runlog import RunLog
 
 # minutes the ranks wait for each other on the control group (rank 0 validating, or saving)
 TIMEOUT_ENV = 'DIM_DIST_TIMEOUT_MIN'
@@ -64,14 +62,6 @@ def world_size():
 
 def is_main():
     return rank() == 0
-
-
-def local_batch_size(batch_size, world):
-    """This rank's share of the global --batch-size; a one-line UserError unless it divides evenly."""
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                        f"{world} processes (e.g. --batch-size {max(world, batch_size // world * world)})")
-    return batch_size // world
 
 
 # -- flags -----------------------------------------------------------------------------------
@@ -135,25 +125,25 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def prepare(run):
-    """Make a GanRun data-parallel: `run.G_step`/`run.D_step` are what the training steps call
-    (DDP-wrapped under torchrun), the stream is sharded, ranks > 0 reseed."""
+def prepare(nets, args, iteration):
+    """Make a stage's GanNets data-parallel: `nets.G_train`/`nets.D_train`, what the training steps
+    call, become DDP wrappers (`nets.G`/`nets.D` stay the bare modules, so checkpoints keep the
+    single-process keys), G's BatchNorm optionally synchronised, and ranks > 0 reseed."""
     if not is_dist():
-        if getattr(run.args, 'sync_bn', False):
+        if getattr(args, 'sync_bn', False):
             print("--sync-bn: a single process has nothing to synchronise; ignored")
         return
-    args, world = run.args, world_size()
+    world = world_size()
     if getattr(args, 'compile', 'off') not in (None, 'off'):
         # not verified: double backward (the gradient penalty) through DDP around a compiled module
         raise UserError("--compile is not supported under torchrun yet; drop --compile")
     if getattr(args, 'sync_bn', False):
-        run.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.G)  # in place: same parameters
-    run.G_step, run.D_step = wrap(run.G), wrap(run.D)
-    run.train_stream = ShardedStream(run.train_stream, rank(), world)
-    seed_rank(args.seed, run.iteration)
+        nets.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.G)  # in place: same parameters
+    nets.G_train, nets.D_train = wrap(nets.G), wrap(nets.D)
+    seed_rank(args.seed, iteration)
     if is_main():  # printed before the run log silences the other ranks
         print(f"data-parallel: {world} processes ({dist.get_backend()}), global batch {args.batch_size} = "
-              f"{world} x {run.train_stream.local_batch}, generator BatchNorm "
+              f"{world} x {local_batch_size(args.batch_size, world)}, generator BatchNorm "
               f"{'synchronised (--sync-bn)' if getattr(args, 'sync_bn', False) else 'per process'}")
 
 
@@ -207,91 +197,6 @@ def wrap(model):
     if device.type == 'cuda':
         return DDP(model, device_ids=[device.index], output_device=device.index)
     return DDP(model)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# -- data ------------------------------------------------------------------------------------
-
-class ShardedStream:
-    """A BatchStream whose every global batch is cut into world_size slices, this rank taking its own.
-
-    The data order (`new_order`, `first_batches`) comes from the same generator in the same state on
-    every rank, so the ranks agree on it without communicating; `len()` is the number of global
-    batches, as in a single process. Everything else reads through to the wrapped stream.
-    """
-
-    def __init__(self, stream, rank, world):
-        self.stream, self.rank, self.world = stream, rank, world
-        self.local_batch = local_batch_size(stream.batch_size, world)
-
-    def __len__(self):
-        return len(self.stream)
-
-    def __getattr__(self, name):
-        if name == 'stream':
-            raise AttributeError(name)
-        return getattr(self.stream, name)
-
-    def _mine(self, idx):
-        return idx[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
-
-    def _take(self, idx):
-        s = self.stream
-        idx = idx.to(s.images.device)
-        return (s.images[idx].to(s.device, non_blocking=True), s.labels[idx].to(s.device, non_blocking=True))
-
-    def batches(self, order, start=0):
-        """This rank's slice of each global batch of the pass `order`, skipping `start` batches."""
-        size = self.stream.batch_size
-        for i in range(start, len(self)):
-            yield self._take(self._mine(order[i * size:(i + 1) * size]))
-
-    def first_batches(self, count):
-        """This rank's slices of the first `count` global batches of a fresh shuffled pass (the pool
-        model's training batches; see BatchStream.first_batches). Unlike a single process, which draws
-        the pass from the device's global RNG, the keys come from the data generator: it is in the same
-        state on every rank (the global RNGs are per rank), so the ranks agree on each global batch
-        without communicating, and checkpoints save it."""
-        s = self.stream
-        count, size = min(count, len(s)), s.batch_size
-        order = pass_order(len(s.labels), 'cpu', s.generator)
-        for i in range(count):
-            yield self._take(self._mine(order[i * size:(i + 1) * size]))
-
-
-# -- logging ---------------------------------------------------------------------------------
-
-class _NoWriter:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class QuietRunLog(RunLog):
-    """RunLog of ranks > 0: the same paths, but no folders, files, tensorboard or progress bars, and
-    this rank's stdout goes to /dev/null (rank 0 prints and logs for everyone; errors still reach
-    stderr)."""
-
-    def __init__(self, args):
-        self.results_dir = os.path.join(args.output_dir, args.tag)
-        self.logs_dir = os.path.join(args.logs_dir, args.tag)
-        self.show_progress = False
-        self.writer = _NoWriter()
-        self._stdout = sys.stdout
-        sys.stdout = open(os.devnull, 'w')
-
-    def scalars(self, values, step, prefix=''):
-        pass
-
-    def log(self, text):
-        pass
-
-    def close(self):
-        if sys.stdout is not self._stdout:
-            sys.stdout.close()
-        sys.stdout = self._stdout
 
 
 # -- agreement between ranks -----------------------------------------------------------------

@@ -25,7 +25,7 @@ def build_classifier(name, info, device, fast=None):
     return fast.prepare(model) if fast is not None else model.to(device)
 
 
-def classifier_step(model, opt, images, labels, ctx, scaler=None, mix=None):
+def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
     """One SGD step on cross-entropy; `mix` = (labels_b, lam) from CutMix: lam * CE(labels) +
     (1 - lam) * CE(labels_b). Returns the loss as a device tensor."""
     with ctx:
@@ -111,7 +111,7 @@ class Selection:
 
 
 def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
-                       curve_tag=None, stop=None, val_split=None):
+                       stop=None, val_split=None):
     """Train one fresh classifier on generated images for --epochs-eval epochs; test every
     --test-interval epochs and at the end. Returns accuracies: the final one, and the best over the
     periodic tests (the paper's number: selected on the test set); with `val_split` (held-out real
@@ -149,8 +149,6 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
                 selection.update(epoch + 1, val1, final1)
             if hasattr(bar, 'set_postfix'):
                 bar.set_postfix(top1=f'{final1:.2f}', best=f'{best1:.2f}')
-            if runlog is not None and curve_tag:
-                runlog.writer.add_scalar(f'{curve_tag}/{model_name}/top1', final1, epoch + 1)
     G.train(G_was_training)
     return {'top1': final1, 'top5': final5, 'best_top1': best1, 'best_top5': best5,
             'iters_per_epoch': iters, 'seconds': time.time() - start,

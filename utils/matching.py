@@ -208,8 +208,12 @@ def gradient_match_loss(model: nn.Module, real: Tensor, real_labels: Tensor, fak
     return GRAD_WEIGHT * torch.stack(d).sum()
 
 
+# pool_match.py --match: each entry compares `model` on paired real and generated batches (pair i of
+# class labels[i]); `opts` carries --idx-from, --idx-to, --metric, --bias and --fc.
 MATCH_LOSSES: dict[str, Callable[..., Tensor]] = {
-    'logit': logit_match_loss,
-    'feat': feature_match_loss,
-    'grad': gradient_match_loss,
+    'logit': lambda model, real, fake, labels, opts: logit_match_loss(model, real, fake),
+    'feat': lambda model, real, fake, labels, opts: feature_match_loss(
+        model, real, fake, idx_from=opts.idx_from, idx_to=opts.idx_to, metric=opts.metric),
+    'grad': lambda model, real, fake, labels, opts: gradient_match_loss(
+        model, real, labels, fake, labels, opts.metric, opts.bias, opts.fc),
 }

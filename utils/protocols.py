@@ -30,7 +30,7 @@ from data.datasets import TEST_BATCH, Split, test_batches, to_classifier_input
 from utils.augment import cutmix, make_augment, normalize
 from utils.errors import UserError
 from utils.evaluate import Selection, build_classifier, classifier_optimizer, test_batch_size, train_on_generator
-from utils.runtime import backward_step, seed_everything
+from utils.runtime import backward_step, make_scaler, seed_everything
 
 PROTOCOLS = ('onthefly', 'fixed')
 BASELINES = ('random', 'full')
@@ -317,7 +317,7 @@ def _train_group(model_name, train_sets, info, test_split, args, device, ctx, se
                 models.append(build_classifier(model_name, info, device))
         group = ClassifierGroup(models, stacked)
         opt = classifier_optimizer(group.parameters(), args)
-        scaler = torch.amp.GradScaler(device.type) if getattr(args, 'amp', 'off') == 'fp16' else None
+        scaler = make_scaler(getattr(args, 'amp', 'off'), device)
         augment = make_augment(args.aug_type, args.mixup_net, batch=False)
         use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
         steps = math.ceil(n / B)

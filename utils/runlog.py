@@ -32,12 +32,22 @@ class _Tee:
 
 
 class RunLog:
-    """results/<tag>/ and logs/<tag>/ for one run: args.json, logs.txt, tensorboard events."""
+    """results/<tag>/ and logs/<tag>/ for one run: args.json, logs.txt, tensorboard events.
 
-    def __init__(self, args):
-        check_output_dirs(args)  # both folders, before either is created
+    quiet=True (the processes other than rank 0 under torchrun): the same paths, but no folders,
+    files, tensorboard or progress bars, and stdout goes to /dev/null; rank 0 prints and logs for
+    everyone, errors still reach stderr."""
+
+    def __init__(self, args, quiet=False):
+        self.quiet = quiet
         self.results_dir = os.path.join(args.output_dir, args.tag)
         self.logs_dir = os.path.join(args.logs_dir, args.tag)
+        self._stdout = sys.stdout
+        if quiet:
+            self.show_progress, self.writer = False, None
+            sys.stdout = open(os.devnull, 'w')
+            return
+        check_output_dirs(args)  # both folders, before either is created
         for folder in (self.results_dir, self.logs_dir):
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -47,15 +57,19 @@ class RunLog:
                 raise UserError(f"output folder {folder} is not writable")
         with open(os.path.join(self.logs_dir, 'args.json'), 'w') as f:
             json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
-        self._stdout = sys.stdout
         sys.stdout = _Tee(sys.stdout, os.path.join(self.logs_dir, 'logs.txt'))
         self.show_progress = not args.no_progress and self._stdout.isatty()
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(self.logs_dir)
 
     def scalars(self, values, step, prefix=''):
-        for name, value in values.items():
-            self.writer.add_scalar(prefix + name, float(value), step)
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(prefix + name, float(value), step)
+
+    def image(self, name, image, step):
+        if self.writer is not None:
+            self.writer.add_image(name, image, step)
 
     def progress(self, iterable=None, **kwargs):
         return tqdm(iterable, disable=not self.show_progress, dynamic_ncols=True, leave=False, **kwargs)
@@ -71,9 +85,12 @@ class RunLog:
         return os.path.join(self.results_dir, *parts)
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if isinstance(sys.stdout, _Tee):
             sys.stdout.file.close()
+        elif self.quiet and sys.stdout is not self._stdout:
+            sys.stdout.close()  # /dev/null
         sys.stdout = self._stdout
 
 

@@ -93,15 +93,10 @@ def autocast(amp, device, cache=True):
 
 
 def make_scaler(amp, device):
-    """A dynamic loss scaler for fp16 (its range is too small for raw gradients); None otherwise.
-    One scaler per optimizer, so a step skipped for one network does not back off the other's scale."""
-    if amp != 'fp16':
-        return None
-    if hasattr(torch.amp, 'GradScaler'):  # torch >= 2.3: any device type
-        return torch.amp.GradScaler(device.type)
-    if device.type == 'cuda':
-        return torch.cuda.amp.GradScaler()
-    raise UserError(f"fp16 loss scaling on {device.type} needs a newer torch than {torch.__version__}")
+    """The loss scaler of one optimizer: dynamic scaling for fp16 (its range is too small for raw
+    gradients); for bf16 and fp32 a disabled one, whose scale/step/update are the plain backward and
+    step. One per optimizer, so a step skipped for one network does not back off the other's scale."""
+    return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 def scale_value(scaler, device):
@@ -110,18 +105,14 @@ def scale_value(scaler, device):
     return scaler.scale(torch.ones((), device=device))
 
 
-def backward_step(loss, opt, scaler=None):
-    """Backward and optimizer step, through the loss scaler when there is one.
+def backward_step(loss, opt, scaler):
+    """Backward and optimizer step through the loss scaler (a disabled one: plain backward and step).
 
     With fp16 the scaler skips the step (and halves the scale) when a gradient overflowed. A fused
     optimizer takes the overflow flag on the device; any other makes scaler.step wait for it (.item())."""
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ import torchvision
 from data.datasets import BatchStream, load_dataset
 from utils.adversarial import build_gan
 from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoint_dataset, gan_configs,
-                              load_checkpoint, load_state, remove_stale_temps,
-                              save_checkpoint)
+                              load_checkpoint, load_gan_state, remove_stale_temps, save_checkpoint)
 from utils.cli import check_common, check_output_dirs
 from utils import distributed
 from utils.errors import Diverged, Interrupted, UserError
 from utils.evaluate import default_test_bn, validate
 from utils.runlog import Meters, RunLog
-from utils.runtime import (FastPath, autocast, load_optimizer_state, resolve_amp, rng_state,
+from utils.runtime import (FastPath, autocast, resolve_amp, rng_state,
                            seed_everything, select_device, set_rng_state, setup_backend)
 
 # tensorboard names of the per-iteration metrics
@@ -29,11 +28,6 @@ SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match
 RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
                      'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir',
                      'channels_last', 'compile', 'optim_impl', 'cuda_graphs')
-
-
-def adam(params, lr, **impl):
-    # betas as two floats: the reference's (0, 0.9) mixed an int and a float, which current PyTorch refuses
-    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), **impl)
 
 
 def resolve_data(args, ckpt=None):
@@ -74,12 +68,11 @@ def open_resume(args, stage):
 
 
 class GanRun:
-    """Everything a GAN-training stage holds: data, G, D, optimizers, run folders, counters.
+    """What a GAN-training stage holds around its loop: data, the networks (`nets`), counters, and
+    the run folders, which `execute` opens. Building one checks flags, data and checkpoints; nothing
+    is written before `execute`, so a refused start writes nothing."""
 
-    Every check of flags, data and checkpoints comes before RunLog creates the run folders, so a
-    refused start writes nothing."""
-
-    def __init__(self, args, stage, init_weight='', check=None):
+    def __init__(self, args, stage, init_weight=''):
         if getattr(args, 'resume', None):
             ckpt, self.resumed_from = open_resume(args, stage)
         else:
@@ -108,14 +101,13 @@ class GanRun:
                          dict(num_classes=self.info.num_classes, channels=self.info.channels,
                               img_size=self.info.img_size, width=args.width)))
         try:
-            nets = build_gan(g_cfg, d_cfg, self.fast, lambda params, **impl: adam(params, args.lr, **impl))
+            self.nets = build_gan(g_cfg, d_cfg, self.fast, args.lr)
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: cannot rebuild its generator or discriminator ({e})") from None
-        self.G, self.D, self.opt_g, self.opt_d = nets.G, nets.D, nets.opt_g, nets.opt_d
-        # what the training steps call (compiled with --compile), and the fp16 loss scalers (else None)
-        self.G_step, self.D_step, self.scaler_g, self.scaler_d = nets.G_step, nets.D_step, nets.scaler_g, nets.scaler_d
         self.data_gen = torch.Generator().manual_seed(args.seed)
-        self.train_stream = BatchStream(self.train_split, args.batch_size, self.device, self.data_gen)
+        # under torchrun each process takes its slice of every global batch
+        self.train_stream = BatchStream(self.train_split, args.batch_size, self.device, self.data_gen,
+                                        rank=distributed.rank(), world=distributed.world_size())
         self.epoch = self.iteration = self.epoch_iteration = 0
         self.order = None  # the current epoch's data order (saved, so a resume continues it)
         self.best = {}
@@ -123,34 +115,24 @@ class GanRun:
         self.ckpt = ckpt
         self.last_good = None  # (path, iteration) of the newest checkpoint this run can go back to
         if ckpt is not None:
-            load_state(self.G, ckpt['generator'], where, 'generator')
-            load_state(self.D, ckpt['discriminator'], where, 'discriminator')
-            self._load_optimizers(ckpt, where)
+            load_gan_state(self.nets, ckpt, where)
             if not self.resumed_from and stage != 'gen_condense':
                 # stage 2 starts from stage 1's optimizers but with its own learning rate
-                for opt in (self.opt_g, self.opt_d):
+                for opt in (self.nets.opt_g, self.nets.opt_d):
                     for group in opt.param_groups:
                         group['lr'] = args.lr
         if self.resumed_from:
             self._restore_progress(ckpt)
-        distributed.prepare(self)  # G_step/D_step (DDP under torchrun), sharded stream, per-rank seeds
+        distributed.prepare(self.nets, args, self.iteration)  # DDP under torchrun, per-rank seeds
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal = None
         self.meters = Meters()
         # fixed noise for sample grids, drawn apart from the training RNG so grids do not perturb it
         self.grid_labels = torch.arange(self.info.num_classes).repeat(10).to(self.device)
-        self.grid_noise = torch.randn(len(self.grid_labels), self.G.dim_noise,
+        self.grid_noise = torch.randn(len(self.grid_labels), self.nets.G.dim_noise,
                                       generator=torch.Generator().manual_seed(args.seed)).to(self.device)
-
-        if check is not None:  # the stage's own refusals, which need the device and data
-            check(self)
-        # everything checked: from here on files are written
-        self.runlog = RunLog(args) if distributed.is_main() else distributed.QuietRunLog(args)
-        if distributed.is_main():
-            remove_stale_temps(self.runlog.results_dir)  # partial writes of a killed run
-        if self.resumed_from:
-            print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}"
-                  + threads_note)
+        self.threads_note = threads_note
+        self.runlog = None  # opened by execute()
 
     def _restore_progress(self, ckpt):
         where = self.resumed_from
@@ -160,8 +142,8 @@ class GanRun:
             self.best, self.validate_pending = dict(ckpt['best']), bool(ckpt['validate_pending'])
             self.data_gen.set_state(ckpt['data_rng'])
             set_rng_state(ckpt['rng'])  # last: building the models above drew from the generators
-            for key, scaler in (('g', self.scaler_g), ('d', self.scaler_d)):
-                if scaler is not None and key in ckpt.get('scalers', {}):
+            for key, scaler in (('g', self.nets.scaler_g), ('d', self.nets.scaler_d)):
+                if scaler.is_enabled() and key in ckpt.get('scalers', {}):
                     scaler.load_state_dict(ckpt['scalers'][key])
         except (TypeError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--resume: {where} holds a damaged run state ({type(e).__name__})") from None
@@ -178,15 +160,6 @@ class GanRun:
             torch.set_num_threads(saved)
             return f" (--deterministic: {saved} CPU threads as the run had, not {was})"
         return ''
-
-    def _load_optimizers(self, ckpt, where):
-        for key, opt in (('optim_g', self.opt_g), ('optim_d', self.opt_d)):
-            if key in ckpt:
-                try:
-                    load_optimizer_state(opt, ckpt[key])
-                except (ValueError, KeyError, TypeError) as e:
-                    raise UserError(f"{where}: its {key} does not fit ({type(e).__name__}: "
-                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
     # -- loop helpers ------------------------------------------------------------------------
 
@@ -217,7 +190,7 @@ class GanRun:
             raise Diverged(f"a loss became NaN or infinite at iteration {step} (epoch {epoch}); stopped "
                            f"without saving; last good checkpoint: {self._last_good_text()}")
         if weights:
-            params = [p for m in (self.G, self.D) for p in m.parameters()]
+            params = [p for m in (self.nets.G, self.nets.D) for p in m.parameters()]
             if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                 raise Diverged(f"the generator or discriminator weights became NaN or infinite by iteration "
                                f"{self.iteration}; stopped without saving; last good checkpoint: "
@@ -267,12 +240,18 @@ class GanRun:
         stops it at the next classifier epoch; the loop saved last.pth just before, so a resume
         runs this validation again from its start, with the same random numbers."""
         print(f"validation after epoch {self.epoch} (iteration {self.iteration}):")
-        return validate(self.G, self.info, self.test_split, self.args, self.device, self.ctx, self.runlog,
+        return validate(self.nets.G, self.info, self.test_split, self.args, self.device, self.ctx, self.runlog,
                         self.iteration, extra_iteration=True, stop=self.stop_requested)
 
     def execute(self, loop):
         """Run a stage's loop. SIGTERM/SIGINT: save last.pth and exit 128+signal (143/130); a second
         signal exits at once with the same status. Non-finite loss: exit 1, nothing saved."""
+        self.runlog = RunLog(self.args, quiet=not distributed.is_main())  # from here on files are written
+        if distributed.is_main():
+            remove_stale_temps(self.runlog.results_dir)  # partial writes of a killed run
+        if self.resumed_from:
+            print(f"resumed from {self.resumed_from}: epoch {self.epoch}, iteration {self.iteration}"
+                  + self.threads_note)
         previous = self.install_signal_handlers()
         code = 0
         try:
@@ -299,17 +278,18 @@ class GanRun:
     # -- checkpoints -------------------------------------------------------------------------
 
     def state(self, extra=None):
+        nets = self.nets
         return {
-            'generator': self.G.state_dict(), 'discriminator': self.D.state_dict(),
-            'optim_g': self.opt_g.state_dict(), 'optim_d': self.opt_d.state_dict(),
+            'generator': nets.G.state_dict(), 'discriminator': nets.D.state_dict(),
+            'optim_g': nets.opt_g.state_dict(), 'optim_d': nets.opt_d.state_dict(),
             'stage': self.stage, 'dataset': self.info.to_dict(),
-            'generator_config': self.G.config, 'discriminator_config': self.D.config,
+            'generator_config': nets.G.config, 'discriminator_config': nets.D.config,
             'epoch': self.epoch, 'iteration': self.iteration, 'epoch_iteration': self.epoch_iteration,
             'order': self.order, 'best': self.best, 'validate_pending': self.validate_pending,
             'args': vars(self.args), 'rng': rng_state(), 'data_rng': self.data_gen.get_state(),
             'num_threads': torch.get_num_threads(),
             # fp16 loss scales, so a resumed fp16 run does not restart its scale search
-            'scalers': {k: sc.state_dict() for k, sc in (('g', self.scaler_g), ('d', self.scaler_d)) if sc is not None},
+            'scalers': {k: sc.state_dict() for k, sc in (('g', nets.scaler_g), ('d', nets.scaler_d)) if sc.is_enabled()},
             **(extra or {}),
         }
 
@@ -333,18 +313,20 @@ class GanRun:
         10 rows of draws, one column per class."""
         if not distributed.is_main():  # under torchrun only rank 0 writes
             return
-        was_training = self.G.training
-        self.G.eval()
+        G = self.nets.G
+        was_training = G.training
+        G.eval()
         z = self.grid_noise.clone()
         z[:, :self.info.num_classes] = torch.nn.functional.one_hot(self.grid_labels, self.info.num_classes)
         with self.ctx:
-            images = (self.G(z).float() + 1) / 2
-        self.G.train(was_training)
+            images = (G(z).float() + 1) / 2
+        G.train(was_training)
         grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=self.info.num_classes, padding=2)
         os.makedirs(self.runlog.path('outputs'), exist_ok=True)
         torchvision.utils.save_image(grid, self.runlog.path('outputs', f'img_{self.epoch - 1}.png'))
-        self.runlog.writer.add_image('Samples', grid, self.iteration)
+        self.runlog.image('Samples', grid, self.iteration)
 
     def close(self):
-        self.runlog.close()
+        if self.runlog is not None:
+            self.runlog.close()
 
