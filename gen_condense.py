@@ -11,7 +11,7 @@ from data.datasets import to_gan_range
 from utils import distributed
 from utils.adversarial import discriminator_step, generator_step
 from utils.checkpoint import LAST
-from utils.cli import add_resume_flags, run, stage_parser
+from utils.cli import add_resume_flags, check_flags, run, stage_parser
 from utils.stage import GanRun
 
 
@@ -57,6 +57,7 @@ def train(r):
 
 def main():
     args = get_parser().parse_args()
+    check_flags(args)  # every refusal the flags alone decide, before anything is loaded
     GanRun(args, 'gen_condense', init_weight=args.weight).execute(train)
 
 

@@ -11,13 +11,13 @@ import random
 
 import torch
 
-from data.datasets import to_gan_range
+from data.datasets import normalize, to_gan_range
 from models import list_models
 from utils import distributed
 from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step, skipped_metric
-from utils.augment import make_augment, normalize
+from utils.augment import make_augment
 from utils.checkpoint import LAST
-from utils.cli import add_match_flags, add_resume_flags, run, stage_parser
+from utils.cli import add_match_flags, add_resume_flags, check_flags as check_stage_flags, run, stage_parser
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.graphs import GraphedStep, capture_problem
@@ -181,8 +181,10 @@ def train(r, pool):
           + ', '.join(f'{k} {v:.2f}' for k, v in r.best.items()))
 
 
-def main():
-    args = get_parser().parse_args()
+def check_flags(args):
+    """Every refusal the flags alone decide, before anything is loaded. (--cuda-graphs is checked
+    when the Pool is built: whether a capture works depends on where the training set lives.)"""
+    check_stage_flags(args)
     if not args.resume and not args.weight:
         raise UserError("pool_match.py needs --weight CHECKPOINT (a gen_condense.py model_dict_<epoch>.pth)")
     if args.epochs_match_train < 0:
@@ -190,6 +192,11 @@ def main():
     unknown = [m for m in args.pool if m not in list_models()]
     if unknown:
         raise UserError(f"unknown --pool model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
+
+
+def main():
+    args = get_parser().parse_args()
+    check_flags(args)
     r = GanRun(args, 'pool_match', init_weight=args.weight)
     saved = r.ckpt.get('pool') if r.resumed_from else None
     pool = Pool(args, r.info, r.fast, r.train_stream, r.ctx, saved, r.resumed_from)

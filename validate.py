@@ -14,15 +14,14 @@ test set, as the paper reports it). See docs/EVALUATION.md.
 """
 import os
 
-from models import Generator
-from utils.checkpoint import check_compatible, gan_configs, load_checkpoint, load_state
-from utils.cli import add_match_flags, check_positive, run, stage_parser
+from data.datasets import resolve_data
+from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
+from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
 from utils.errors import UserError
 from utils.evaluate import default_test_bn, iterations_per_epoch
 from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
 from utils.runlog import RunLog
 from utils.runtime import autocast, resolve_amp, seed_everything, select_device, setup_backend
-from utils.stage import resolve_data
 
 REPORT = 'eval.json'
 
@@ -56,14 +55,13 @@ def get_parser():
     return p
 
 
-def resolve_protocol(args):
-    if args.baseline:
-        if args.protocol == 'onthefly':
-            raise UserError(f"--baseline {args.baseline} trains on a fixed set; it cannot use --protocol onthefly")
-        args.protocol = 'fixed'
-    elif args.protocol is None:
-        args.protocol = 'onthefly'
-    args.test_bn = args.test_bn or default_test_bn(args.protocol)
+def check_flags(args):
+    """Every refusal the flags alone decide, before anything is loaded."""
+    check_stage_flags(args)
+    if args.baseline and args.protocol == 'onthefly':
+        raise UserError(f"--baseline {args.baseline} trains on a fixed set; it cannot use --protocol onthefly")
+    if not args.baseline and not args.pretrain_weight:
+        raise UserError("validate.py needs --pretrain-weight CHECKPOINT (or --baseline random/full)")
     check_positive(args, 'num_eval')
     if args.val_per_class < 0:
         raise UserError(f"--val-per-class must be 0 or more, got {args.val_per_class}")
@@ -71,22 +69,18 @@ def resolve_protocol(args):
 
 def main():
     args = get_parser().parse_args()
-    resolve_protocol(args)
-    if not args.baseline and not args.pretrain_weight:
-        raise UserError("validate.py needs --pretrain-weight CHECKPOINT (or --baseline random/full)")
+    check_flags(args)
+    args.protocol = args.protocol or ('fixed' if args.baseline else 'onthefly')
+    args.test_bn = args.test_bn or default_test_bn(args.protocol)
     # with a baseline a given checkpoint only supplies the default dataset
     ckpt = load_checkpoint(args.pretrain_weight) if args.pretrain_weight else None
     device = select_device(args.device)
     setup_backend(device, args.deterministic)
     args.amp = resolve_amp(args.amp, device)
-    info, train_split, test_split = resolve_data(args, ckpt)
-    G = None
+    info, train_split, test_split = resolve_data(args, *checkpoint_data(ckpt))
     if ckpt is not None:
         check_compatible(ckpt, info, args.pretrain_weight)
-    if not args.baseline:
-        g_cfg, _ = gan_configs(ckpt, info)
-        G = Generator(**g_cfg).to(device)
-        load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
+    G = None if args.baseline else load_generator(ckpt, info, args.pretrain_weight, device)
     runlog = RunLog(args)
     seed_everything(args.seed)
     what = args.baseline or f'generator {args.pretrain_weight}'

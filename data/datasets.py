@@ -5,9 +5,10 @@ pixels torchvision's ToTensor would see (times 255). Batches are then shuffled, 
 normalised on the training device (`BatchStream`), so no worker processes are spawned per pass and
 the numbers equal the reference's ToTensor + Normalize pipeline.
 """
+import functools
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,24 @@ class Split:
 
     def __len__(self):
         return len(self.labels)
+
+
+def resolve_data(args, stored_name=None, stored_dir=None):
+    """Fill --data / --data-dir from a checkpoint's dataset (`stored_name`, `stored_dir`) or the
+    defaults, load the data, and refuse flags the data does not fit. Returns (info, train, test)."""
+    if stored_name and args.data and args.data != stored_name:  # refuse before loading anything
+        raise UserError(f"the checkpoint was trained on {stored_name}, but --data is {args.data}")
+    args.data = args.data or stored_name or 'cifar10'
+    args.data_dir = args.data_dir or stored_dir or './data'
+    info, train, test = load_dataset(args.data, args.data_dir, args.img_size, num_workers=args.num_workers)
+    if args.num_classes is not None and args.num_classes != info.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but {info.name} has {info.num_classes} classes")
+    if args.dim_noise < info.num_classes:
+        raise UserError(f"--dim-noise {args.dim_noise} is smaller than the {info.num_classes} classes "
+                        "(the first entries of the noise hold the one-hot class)")
+    if args.batch_size > len(train):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train)} training images")
+    return info, train, test
 
 
 def load_dataset(name, data_dir='./data', img_size=32, download=True, num_workers=4):
@@ -212,10 +231,6 @@ def info_from_dict(d):
     return DatasetInfo(**{**d, 'mean': tuple(d['mean']), 'std': tuple(d['std'])})
 
 
-def with_classes(info, num_classes):
-    return replace(info, num_classes=num_classes)
-
-
 # ----------------------------------------------------------------------------------------------
 # batches on the device
 
@@ -226,8 +241,23 @@ def to_gan_range(x_uint8):
 
 def to_classifier_input(x_uint8, info):
     """uint8 pixels -> classifier input normalised by the dataset statistics (test images)."""
-    from utils.augment import normalize  # cached device constants: no host-to-device copy per batch
     return normalize(x_uint8.float().div(255), info.mean, info.std)
+
+
+def normalize(x, mean, std):
+    """Per-channel ``(x - mean) / std`` for [B, C, H, W] or [C, H, W] input."""
+    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
+    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
+    return (x - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constant(values, device, dtype):
+    # Made once per (values, device, dtype): building it from a Python list on every call copies it
+    # host-to-device from pageable memory, which on CUDA waits for all queued GPU work (a sync per
+    # call on the hot path). Never in inference mode, so autograd may save it for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def storage_device(split, device, max_gb=8.0):

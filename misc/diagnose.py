@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.datasets import load_dataset, to_classifier_input  # noqa: E402
-from models import Generator  # noqa: E402
-from utils.augment import normalize  # noqa: E402
-from utils.checkpoint import (check_compatible, checkpoint_dataset, gan_configs, load_checkpoint,  # noqa: E402
-                              load_state)
+from data.datasets import load_dataset, normalize, to_classifier_input  # noqa: E402
+from utils.checkpoint import check_compatible, checkpoint_dataset, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluate import build_classifier, test  # noqa: E402
@@ -93,10 +90,7 @@ def main():
     data_dir = args.data_dir or (ckpt.get('args') or {}).get('data_dir') or './data'
     info, train, test_split = load_dataset(name, data_dir, args.img_size)
     check_compatible(ckpt, info, args.pretrain_weight)
-    g_cfg, _ = gan_configs(ckpt, info)
-    G = Generator(**g_cfg)
-    load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
-    G.eval()
+    G = load_generator(ckpt, info, args.pretrain_weight).eval()
     judge = train_judge(info, train, args.epochs)
     ctx = torch.autocast('cpu', enabled=False)
     real_test = test(judge, test_split, info, torch.device('cpu'), ctx)[0]

@@ -22,8 +22,7 @@ if str(ROOT) not in sys.path:  # runnable as `python misc/export.py` from anywhe
 import torch  # noqa: E402
 
 from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict, load_dataset  # noqa: E402
-from models import Generator  # noqa: E402
-from utils.checkpoint import check_compatible, gan_configs, is_official, load_checkpoint, load_state  # noqa: E402
+from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.protocols import draw_fixed_set, file_sha256, write_json  # noqa: E402
@@ -115,9 +114,7 @@ def main(argv=None):
     info = dataset_info(args, ckpt)
     check_compatible(ckpt, info, args.pretrain_weight)  # an official file: its sizes against --data
     device = select_device(args.device)
-    g_cfg, _ = gan_configs(ckpt, info)
-    G = Generator(**g_cfg).to(device)
-    load_state(G, ckpt['generator'], args.pretrain_weight, 'generator')
+    G = load_generator(ckpt, info, args.pretrain_weight, device)
     out = args.out or os.path.join('results', 'export', f'{info.name}_ipc{args.ipc}_seed{args.seed}')
     images, _ = export(G, info, args.ipc, args.seed, out, device, args.pretrain_weight, args.png)
     print(f"wrote {len(images)} images ({args.ipc} per class, {info.name}) to {out}: images.pt, labels.pt, "

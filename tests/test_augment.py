@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import utils.augment as augment_module
-from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, make_augment, normalize, rand_brightness,
+from data.datasets import normalize
+from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, make_augment, rand_brightness,
                            rand_contrast, rand_rotate, rand_saturation, rand_scale, rand_translate)
 
 OPS = ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'translate']

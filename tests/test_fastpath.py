@@ -24,7 +24,7 @@ from data.datasets import BatchStream
 from misc.benchmark import random_split, stage1_workload, stage2_workload, validation_workload
 from models import Discriminator
 from utils.adversarial import discriminator_step, generator_step
-from utils.augment import _channel_constant, normalize
+from data.datasets import _channel_constant, normalize
 from utils.cli import stage_parser
 from utils.evaluate import classifier_step
 from utils.matching import gradient_penalty

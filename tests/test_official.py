@@ -11,9 +11,8 @@ import gen_condense
 import pool_match
 import validate
 from conftest import make_imagefolder
-from data.datasets import DatasetInfo, Split, pass_order
+from data.datasets import DatasetInfo, Split, normalize, pass_order
 from models import create_model
-from utils.augment import normalize
 from utils.cli import NO_EFFECT
 import utils.evaluate as evaluate
 from utils.protocols import group_test, ClassifierGroup

@@ -18,7 +18,6 @@ pixels with zeros shifted in; ``scale`` and ``rotate`` are bilinear affine warps
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['DiffAug', 'make_augment', 'normalize', 'cutmix', 'AUGMENT_FNS']
+__all__ = ['DiffAug', 'make_augment', 'cutmix', 'AUGMENT_FNS']
 
 CROP_RATIO = 0.125      # max shift as a fraction of the side: 4 px at 32 px
 CUTOUT_RATIO = 0.5      # cutout side as a fraction of the side: 16 px at 32 px
@@ -256,22 +255,6 @@ def make_augment(strategy: str, mixup_net: str = 'cut', batch: bool = False) -> 
     if not batch and mixup_net == 'cut':
         ops = [op for op in ops if op != 'cutout']
     return DiffAug('_'.join(ops), batch=batch)
-
-
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Per-channel ``(x - mean) / std`` for [B, C, H, W] or [C, H, W] input."""
-    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
-    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
-    return (x - m) / s
-
-
-@functools.lru_cache(maxsize=64)
-def _channel_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Made once per (values, device, dtype): building it from a Python list on every call copies it
-    # host-to-device from pageable memory, which on CUDA waits for all queued GPU work (a sync per
-    # call on the hot path). Never in inference mode, so autograd may save it for backward.
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def cutmix(images: Tensor, labels: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor, float]:

@@ -122,6 +122,13 @@ def checkpoint_dataset(ckpt):
     return None if is_official(ckpt) else ckpt['dataset'].get('name')
 
 
+def checkpoint_data(ckpt):
+    """(dataset name, --data-dir) a checkpoint was trained with, what data.datasets.resolve_data
+    fills the flags from; (None, None) without a checkpoint or for an official-format file."""
+    name = checkpoint_dataset(ckpt) if ckpt is not None else None
+    return name, (ckpt.get('args') or {}).get('data_dir') if name else None
+
+
 _SIZE_KEYS = ('img_size', 'channels', 'num_classes')
 
 

@@ -165,9 +165,12 @@ def check_positive(args, *names):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
-def check_common(args, info, train_size):
-    """Checks that need the data: run before any work starts."""
+def check_flags(args):
+    """The refusals every script shares that the flags alone decide: made first, before anything is
+    loaded, built or written. (Whether the flags fit the data -- --num-classes, --dim-noise,
+    --batch-size against the training set -- is checked as the data loads: data.datasets.resolve_data.)"""
     from models import list_models
+    from utils.augment import DiffAug
 
     check_positive(args, 'batch_size', 'epochs', 'ipc', 'epochs_eval', 'test_interval', 'eval_interval',
                    'print_freq', 'width')
@@ -177,21 +180,14 @@ def check_common(args, info, train_size):
     for name in ('eval_lr', 'pool_lr'):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_classes is not None and args.num_classes != info.num_classes:
-        raise UserError(f"--num-classes {args.num_classes} but {info.name} has {info.num_classes} classes")
-    if args.dim_noise < info.num_classes:
-        raise UserError(f"--dim-noise {args.dim_noise} is smaller than the {info.num_classes} classes "
-                        "(the first entries of the noise hold the one-hot class)")
-    if args.batch_size > train_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {train_size} training images")
     unknown = [m for m in args.eval_model if m not in list_models()]
     if unknown:
         raise UserError(f"unknown --eval-model {', '.join(unknown)}; choose from: {', '.join(list_models())}")
-    from utils.augment import DiffAug
     try:
         DiffAug(args.aug_type)
     except ValueError as e:
         raise UserError(f"--aug-type: {e}") from None
+    check_output_dirs(args)
 
 
 def check_output_dirs(args):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import TEST_BATCH, Split, test_batches, to_classifier_input
-from utils.augment import cutmix, make_augment, normalize
+from data.datasets import TEST_BATCH, Split, normalize, test_batches, to_classifier_input
+from utils.augment import cutmix, make_augment
 from utils.errors import UserError
 from utils.evaluate import Selection, build_classifier, classifier_optimizer, test_batch_size, train_on_generator
 from utils.runtime import backward_step, make_scaler, seed_everything

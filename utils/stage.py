@@ -7,11 +7,10 @@ import sys
 import torch
 import torchvision
 
-from data.datasets import BatchStream, load_dataset
+from data.datasets import BatchStream, resolve_data
 from utils.adversarial import build_gan
-from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoint_dataset, gan_configs,
+from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoint_data, gan_configs,
                               load_checkpoint, load_gan_state, remove_stale_temps, save_checkpoint)
-from utils.cli import check_common, check_output_dirs
 from utils import distributed
 from utils.errors import Diverged, Interrupted, UserError
 from utils.evaluate import default_test_bn, validate
@@ -28,19 +27,6 @@ SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match
 RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
                      'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir',
                      'channels_last', 'compile', 'optim_impl', 'cuda_graphs')
-
-
-def resolve_data(args, ckpt=None):
-    """Fill --data/--data-dir from the checkpoint (or the defaults), load the data and check the flags."""
-    stored = checkpoint_dataset(ckpt) if ckpt is not None else None
-    stored_dir = (ckpt.get('args') or {}).get('data_dir') if stored else None
-    if stored and args.data and args.data != stored:  # refuse before loading anything
-        raise UserError(f"the checkpoint was trained on {stored}, but --data is {args.data}")
-    args.data = args.data or stored or 'cifar10'
-    args.data_dir = args.data_dir or stored_dir or './data'
-    info, train, test = load_dataset(args.data, args.data_dir, args.img_size, num_workers=args.num_workers)
-    check_common(args, info, len(train))
-    return info, train, test
 
 
 def open_resume(args, stage):
@@ -69,8 +55,9 @@ def open_resume(args, stage):
 
 class GanRun:
     """What a GAN-training stage holds around its loop: data, the networks (`nets`), counters, and
-    the run folders, which `execute` opens. Building one checks flags, data and checkpoints; nothing
-    is written before `execute`, so a refused start writes nothing."""
+    the run folders, which `execute` opens. The script checks its flags first (check_flags); building
+    a GanRun then checks the checkpoint and the data; nothing is written before `execute`, so a
+    refused start writes nothing."""
 
     def __init__(self, args, stage, init_weight=''):
         if getattr(args, 'resume', None):
@@ -81,7 +68,6 @@ class GanRun:
         where = self.resumed_from or init_weight
         self.args, self.stage = args, stage
         args.test_bn = args.test_bn or default_test_bn('onthefly')  # the stages validate on the fly
-        check_output_dirs(args)
         self.device = select_device(args.device)
         self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
         setup_backend(self.device, args.deterministic)
@@ -90,7 +76,7 @@ class GanRun:
         self.ctx = autocast(args.amp, self.device)
         self.fast = FastPath.from_args(args, self.device)
         with distributed.local_main_first():  # under torchrun one download per node, not one per process
-            self.info, self.train_split, self.test_split = resolve_data(args, ckpt)
+            self.info, self.train_split, self.test_split = resolve_data(args, *checkpoint_data(ckpt))
         if ckpt is not None:
             check_compatible(ckpt, self.info, where)
 
