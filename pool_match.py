@@ -89,8 +89,7 @@ class Pool:
     def build(self, name):
         self.name = name
         self.model = build_classifier(name, self.info, self.fast.device, self.fast)
-        self.opt = classifier_optimizer(self.model.parameters(), self.args, lr=self.args.pool_lr,
-                                        **self.fast.optimizer_kwargs(torch.optim.SGD))
+        self.opt = classifier_optimizer(self.model.parameters(), self.args, self.fast, lr=self.args.pool_lr)
         # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
         self.net = distributed.wrap(self.fast.compiled(self.model))
         if self.graphed is not None:

@@ -117,7 +117,7 @@ def validation_workload(fast, model_name, width=196, batch=128, seed=0, info=INF
     G = fast.prepare(Generator(info.num_classes, info.channels, info.img_size, dim_noise=100, width=width)).eval()
     G_net = fast.compiled(G)
     model = build_classifier(model_name, info, fast.device, fast)
-    opt = classifier_optimizer(model.parameters(), args, **fast.optimizer_kwargs(torch.optim.SGD))
+    opt = classifier_optimizer(model.parameters(), args, fast)
     net, scaler, ctx = fast.compiled(model), fast.scaler(), fast.ctx()
     augment = make_augment(args.aug_type, args.mixup_net, batch=False)
     model.train()

@@ -15,7 +15,7 @@ from data.datasets import DatasetInfo, Split, normalize, pass_order
 from models import create_model
 from utils.cli import NO_EFFECT
 import utils.evaluate as evaluate
-from utils.protocols import group_test, ClassifierGroup
+from utils.stacking import ClassifierGroup, group_test
 from utils.runtime import FastPath
 
 # The official parsers, flag -> (default, a non-default value), from the reference notes

@@ -130,10 +130,8 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False
 
 
 def optimizer_step(loss, opt, scaler):
-    """Zero the gradients, backward, step (backward_step). Under fp16 loss scaling, also whether the
-    scaler skipped the step (1.0), as a device tensor: the scale only goes down when an overflow made
-    it skip. None without loss scaling."""
-    opt.zero_grad(set_to_none=True)
+    """backward_step; under fp16 loss scaling, also whether the scaler skipped the step (1.0), as a
+    device tensor: the scale only goes down when an overflow made it skip. None without loss scaling."""
     if not scaler.is_enabled():
         backward_step(loss, opt, scaler)
         return None

@@ -13,9 +13,10 @@ from utils.errors import Interrupted
 from utils.runtime import FastPath, backward_step
 
 
-def classifier_optimizer(params, args, lr=None, **impl):
-    """SGD with --momentum and --weight-decay (official 0.9, 5e-4) at `lr` (default --eval-lr), as the
-    official code trains validation classifiers and pool models; `impl`: FastPath.optimizer_kwargs."""
+def classifier_optimizer(params, args, fast=None, lr=None):
+    """The SGD of every classifier (validation, fixed-set, pool models): --momentum and --weight-decay
+    (official 0.9, 5e-4) at `lr` (default --eval-lr), with the optimizer kernels `fast` chooses."""
+    impl = fast.optimizer_kwargs(torch.optim.SGD) if fast is not None else {}
     return torch.optim.SGD(params, lr=args.eval_lr if lr is None else lr, momentum=args.momentum,
                            weight_decay=args.weight_decay, **impl)
 
@@ -34,7 +35,6 @@ def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
         if mix is not None:
             labels_b, lam = mix
             loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
-    opt.zero_grad(set_to_none=True)
     backward_step(loss, opt, scaler)
     return loss.detach()
 
@@ -62,18 +62,26 @@ def test(model, test_split, info, device, ctx, bn='running', batch_size=TEST_BAT
     without BatchNorm (ConvNet-3) give the same numbers either way."""
     was_training = model.training
     model.train(bn == 'batch')
-    correct1 = correct5 = torch.zeros((), device=device)
-    k = min(5, info.num_classes)
-    for images, labels in test_batches(test_split, device, batch_size):
-        with ctx:
-            logits = model(to_classifier_input(images, info))
-        topk = logits.float().topk(k, dim=1).indices
-        hits = topk == labels[:, None]
-        correct1 = correct1 + hits[:, 0].sum()
-        correct5 = correct5 + hits.any(dim=1).sum()
+    correct1, correct5 = count_correct(model, test_split, info, device, ctx, batch_size)
     model.train(was_training)
     n = len(test_split)
     return 100.0 * correct1.item() / n, 100.0 * correct5.item() / n
+
+
+def count_correct(forward, test_split, info, device, ctx, batch_size):
+    """Top-1 and top-5 hits of `forward` over the split, as float32 device tensors: 0-dim for one
+    model's logits [B, classes], [K] for K models' [K, B, classes] (utils/stacking.group_test)."""
+    k = min(5, info.num_classes)
+    correct1 = correct5 = None
+    for images, labels in test_batches(test_split, device, batch_size):
+        with ctx:
+            logits = forward(to_classifier_input(images, info))
+        hits = logits.float().topk(k, dim=-1).indices == labels[:, None]  # [..., B, k]
+        if correct1 is None:
+            correct1 = correct5 = torch.zeros(hits.shape[:-2], device=device)
+        correct1 = correct1 + hits[..., 0].sum(-1)
+        correct5 = correct5 + hits.any(dim=-1).sum(-1)
+    return correct1, correct5
 
 
 def iterations_per_epoch(num_classes, ipc, batch_size, extra_iteration):
@@ -94,6 +102,15 @@ def generated_batch(G, batch_size, info, augment, device):
     return augment(normalize(images, info.mean, info.std)), labels
 
 
+def maybe_cutmix(images, labels, args):
+    """CutMix with probability --mix-p under --mixup-net cut (one numpy draw decides): (images, labels,
+    mix), mix = (labels_b, lam) for classifier_step, or None when the batch is not mixed."""
+    if args.mixup_net == 'cut' and args.mix_p > 0 and np.random.rand() < args.mix_p:
+        images, labels, labels_b, lam = cutmix(images, labels, args.beta)
+        return images, labels, (labels_b, lam)
+    return images, labels, None
+
+
 class Selection:
     """The test accuracy at the periodic test that scored best on held-out real training images
     (validate.py --val-per-class): an epoch chosen without looking at the test set. Ties keep the
@@ -110,6 +127,38 @@ class Selection:
         return {'val_top1': self.val_top1, 'selected_top1': self.top1, 'selected_epoch': self.epoch}
 
 
+class PeriodicTests:
+    """The test record of K classifiers trained side by side (K = 1 on the fly), tested every
+    --test-interval epochs and after the last: the final accuracies, the best ones (selected on the
+    test set, as the paper reports), each model's curve, and with held-out images (--val-per-class)
+    each model's Selection."""
+
+    def __init__(self, K, args, held_out=False):
+        self.interval, self.epochs = args.test_interval, args.epochs_eval
+        self.final1 = self.final5 = self.best1 = self.best5 = [0.0] * K
+        self.curves = [[] for _ in range(K)]
+        self.selections = [Selection() for _ in range(K)] if held_out else None
+
+    def due(self, epoch):
+        """Whether epoch `epoch` (from 0) ends with a test."""
+        return (epoch + 1) % self.interval == 0 or epoch + 1 == self.epochs
+
+    def record(self, epoch, top1, top5, val_top1=None):
+        """One test of every model: lists of K accuracies (%), and on the held-out images with them."""
+        self.final1, self.final5 = top1, top5
+        self.best1 = [max(a, b) for a, b in zip(self.best1, top1)]
+        self.best5 = [max(a, b) for a, b in zip(self.best5, top5)]
+        for k, acc in enumerate(top1):
+            self.curves[k].append([epoch + 1, acc])
+            if self.selections is not None:
+                self.selections[k].update(epoch + 1, val_top1[k], acc)
+
+    def result(self, k):
+        return {'top1': self.final1[k], 'top5': self.final5[k], 'best_top1': self.best1[k],
+                'best_top5': self.best5[k], 'test_curve': self.curves[k],
+                **(self.selections[k].result() if self.selections is not None else {})}
+
+
 def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
                        stop=None, val_split=None):
     """Train one fresh classifier on generated images for --epochs-eval epochs; test every
@@ -121,13 +170,11 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     fast = FastPath.from_args(args, device)
     G_net = fast.compiled(fast.prepare(G))
     model = build_classifier(model_name, info, device, fast)
-    opt = classifier_optimizer(model.parameters(), args, **fast.optimizer_kwargs(torch.optim.SGD))
+    opt = classifier_optimizer(model.parameters(), args, fast)
     net, scaler = fast.compiled(model), fast.scaler()
     augment = make_augment(args.aug_type, args.mixup_net, batch=False)
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
-    use_cutmix = args.mixup_net == 'cut' and args.mix_p > 0
-    best1 = best5 = final1 = final5 = 0.0
-    selection = Selection()
+    tests = PeriodicTests(1, args, held_out=val_split is not None)
     start = time.time()
     bar = runlog.progress(range(args.epochs_eval), desc=f'eval {model_name}') if runlog else range(args.epochs_eval)
     for epoch in bar:
@@ -136,23 +183,19 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
         model.train()
         for _ in range(iters):
             images, labels = generated_batch(G_net, args.batch_size, info, augment, device)
-            mix = None
-            if use_cutmix and np.random.rand() < args.mix_p:
-                images, labels, labels_b, lam = cutmix(images, labels, args.beta)
-                mix = (labels_b, lam)
+            images, labels, mix = maybe_cutmix(images, labels, args)
             classifier_step(net, opt, images, labels, ctx, scaler, mix)
-        if (epoch + 1) % args.test_interval == 0 or epoch + 1 == args.epochs_eval:
-            final1, final5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
-            best1, best5 = max(best1, final1), max(best5, final5)
-            if val_split is not None:
-                val1, _ = test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))
-                selection.update(epoch + 1, val1, final1)
+        if tests.due(epoch):
+            top1, top5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
+            val1 = (test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
+                    if val_split is not None else None)
+            tests.record(epoch, [top1], [top5], [val1])
             if hasattr(bar, 'set_postfix'):
-                bar.set_postfix(top1=f'{final1:.2f}', best=f'{best1:.2f}')
+                bar.set_postfix(top1=f'{top1:.2f}', best=f'{tests.best1[0]:.2f}')
     G.train(G_was_training)
-    return {'top1': final1, 'top5': final5, 'best_top1': best1, 'best_top5': best5,
-            'iters_per_epoch': iters, 'seconds': time.time() - start,
-            **(selection.result() if val_split is not None else {})}
+    result = tests.result(0)
+    del result['test_curve']  # the stage validations and eval.json record no on-the-fly curves
+    return {**result, 'iters_per_epoch': iters, 'seconds': time.time() - start}
 
 
 def validate(G, info, test_split, args, device, ctx, runlog, step, extra_iteration=True, stop=None):

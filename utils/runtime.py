@@ -106,10 +106,12 @@ def scale_value(scaler, device):
 
 
 def backward_step(loss, opt, scaler):
-    """Backward and optimizer step through the loss scaler (a disabled one: plain backward and step).
+    """Zero the gradients, backward, optimizer step, through the loss scaler (a disabled one: plain
+    backward and step).
 
     With fp16 the scaler skips the step (and halves the scale) when a gradient overflowed. A fused
     optimizer takes the overflow flag on the device; any other makes scaler.step wait for it (.item())."""
+    opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
