@@ -17,7 +17,8 @@ from utils import distributed
 from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step, skipped_metric
 from utils.augment import make_augment
 from utils.checkpoint import LAST
-from utils.cli import add_match_flags, add_resume_flags, check_flags as check_stage_flags, run, stage_parser
+from utils.cli import (add_cuda_graphs_flag, add_match_flags, add_resume_flags, check_flags as check_stage_flags,
+                       run, stage_parser)
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.graphs import GraphedStep, capture_problem
@@ -40,9 +41,7 @@ def get_parser():
     g.add_argument('--pool', nargs='+', default=POOL, help='models the pool draws from, one per epoch')
     g.add_argument('--pool-lr', type=float, default=None,
                    help='SGD learning rate of the pool model (None: --eval-lr, as the official code)')
-    g.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
-                   help="replay the --epochs-match-train pool steps from one CUDA graph (one launch instead "
-                        "of thousands; same computation). Off by default: not yet measured on a GPU")
+    add_cuda_graphs_flag(g)
     add_resume_flags(p, save_every=400)
     distributed.add_flags(p)
     return p

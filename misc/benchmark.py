@@ -46,11 +46,10 @@ from data.datasets import DATASETS, BatchStream, Split  # noqa: E402
 from models import Generator  # noqa: E402
 from utils.adversarial import build_gan  # noqa: E402
 from utils.augment import make_augment  # noqa: E402
-from utils.cli import run  # noqa: E402
+from utils.cli import OneLineParser, add_cuda_graphs_flag, add_fastpath_flags, run  # noqa: E402
 from utils.evaluate import (build_classifier, classifier_optimizer, classifier_step, generated_batch,  # noqa: E402
                             iterations_per_epoch, test)
-from utils.runtime import (COMPILE_MODES, OPTIM_IMPLS, SWITCH, FastPath, select_device,  # noqa: E402
-                           setup_backend)
+from utils.runtime import FastPath, select_device, setup_backend  # noqa: E402
 
 INFO = DATASETS['cifar10']
 POOL = pool_match.POOL
@@ -325,8 +324,7 @@ def reference_backend(device):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes and few iterations (seconds on a CPU): checks the benchmark runs')
@@ -339,14 +337,9 @@ def get_parser():
     p.add_argument('--configs', nargs='+', default=['fast'], choices=('fast', 'plain'),
                    help="fast: the flags below; plain: fp32, contiguous, per-parameter optimizer loop, "
                         "no compile, deterministic cuDNN (the reference's way)")
-    p.add_argument('--amp', default='auto', choices=('auto', 'bf16', 'fp16', 'off'))
-    p.add_argument('--channels-last', default='auto', choices=SWITCH)
-    p.add_argument('--compile', nargs='?', const='default', default='off', choices=COMPILE_MODES)
-    p.add_argument('--optim-impl', default='auto', choices=OPTIM_IMPLS)
-    p.add_argument('--gp-amp', action='store_true', help='the gradient penalty under --amp too (default fp32)')
-    p.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
-                   help="stage 2 with the pool steps replayed from a CUDA graph (pool_match.py --cuda-graphs); "
-                        "'plain' never uses them")
+    g = p.add_argument_group("the fast path of the 'fast' config (the stages' flags; 'plain' ignores them)")
+    add_fastpath_flags(g)
+    add_cuda_graphs_flag(g)
     p.add_argument('--amp-check-iters', type=int, default=None,
                    help='iterations whose losses are compared between --amp and fp32 (default 5; --quick: 2)')
     p.add_argument('--width', type=int, default=None, help='G/D width (default 196; --quick: 8)')

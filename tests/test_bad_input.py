@@ -152,7 +152,3 @@ def test_bad_input_refused_cleanly_fresh_interpreter(workspace, case):
     proc = subprocess.run([sys.executable, os.path.join(REPO, script)] + argv, cwd=ws, capture_output=True,
                           text=True, timeout=300, env={**os.environ, 'PYTHONPATH': REPO, 'OMP_NUM_THREADS': '1'})
     check_refused(proc.returncode, proc.stderr, proc.stdout, before, fingerprint(ws))
-
-
-def test_enough_cases():
-    assert len(CASES) >= 15

@@ -8,7 +8,7 @@ import torch
 
 from utils.augment import make_augment
 from utils.errors import UserError
-from utils.graphs import NO_STREAM, GraphedStep, capture_problem
+from utils.graphs import GraphedStep, capture_problem
 
 CUDA, CPU = torch.device('cuda'), torch.device('cpu')
 
@@ -24,39 +24,51 @@ class FakeGraph:
         self.recorded()
 
 
-def fake_step(warmup=3):
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's graph and stream API replaced by recorders, so GraphedStep's bookkeeping runs on
+    the CPU: a capture records the function without running it; streams order nothing."""
     log, graphs = [], []
 
-    def fn():
-        log.append('run')
-
-    def factory():
+    def make_graph():
         graphs.append(FakeGraph(log))
         return graphs[-1]
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, stream=None):
+        assert isinstance(stream, FakeStream)  # captured on the warm-up's side stream
         log.append('capture')
         calls_before = len(log)
         yield
         assert log[calls_before:] == ['run']  # the function ran once while capturing ...
         del log[calls_before:]                 # ... but a capture executes nothing
-        graph.recorded = fn
+        graph.recorded = lambda: log.append('run')
 
-    return GraphedStep(fn, warmup, graph_factory=factory, stream_factory=lambda: NO_STREAM,
-                       capture=capture), log, graphs
+    monkeypatch.setattr(torch.cuda, 'CUDAGraph', make_graph)
+    monkeypatch.setattr(torch.cuda, 'graph', capture)
+    monkeypatch.setattr(torch.cuda, 'Stream', FakeStream)
+    monkeypatch.setattr(torch.cuda, 'current_stream', FakeStream)
+    monkeypatch.setattr(torch.cuda, 'stream', lambda stream: contextlib.nullcontext())
+    return log, graphs
 
 
-def test_warms_up_captures_once_then_replays():
-    step, log, graphs = fake_step(warmup=3)
+def test_warms_up_captures_once_then_replays(fake_cuda):
+    log, graphs = fake_cuda
+    step = GraphedStep(lambda: log.append('run'), warmup=3)
     for _ in range(6):
         step()
     assert log == ['run'] * 3 + ['capture', 'replay', 'run'] + ['replay', 'run'] * 2
     assert len(graphs) == 1 and log.count('run') == 6  # every call ran the steps exactly once
 
 
-def test_reset_warms_up_and_captures_again():
-    step, log, graphs = fake_step(warmup=1)
+def test_reset_warms_up_and_captures_again(fake_cuda):
+    log, graphs = fake_cuda
+    step = GraphedStep(lambda: log.append('run'), warmup=1)
     for _ in range(3):
         step()
     step.reset()  # a new pool model
@@ -66,15 +78,13 @@ def test_reset_warms_up_and_captures_again():
     assert log == ['run', 'capture', 'replay', 'run', 'replay', 'run'] and len(graphs) == 2
 
 
-def test_a_failed_capture_is_one_line():
-    @contextlib.contextmanager
-    def capture(graph):
-        yield
+def test_a_failed_capture_is_one_line(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'graph', lambda graph, stream=None: contextlib.nullcontext())
 
     def fn():
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
-    step = GraphedStep(fn, warmup=0, graph_factory=object, stream_factory=lambda: NO_STREAM, capture=capture)
+    step = GraphedStep(fn, warmup=0)
     with pytest.raises(UserError, match=r'^--cuda-graphs: capturing the pool steps failed \(CUDA error: '
                                         r'operation not permitted when stream is capturing\); run without'):
         step()

@@ -319,7 +319,12 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / 'ck.pth'
     state = {'dataset': {'name': 'digits'}, 'generator_config': {}, 'discriminator_config': {}}
     save_checkpoint({**state, 'generator': {'w': torch.ones(3)}}, str(path))
-    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    plain = tmp_path / 'plain'
+    with open(plain, 'wb'):
+        pass
+    # the permissions open() gives under this umask, not mkstemp's 0600
+    assert oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777)
+    plain.unlink()
 
     def torn_save(obj, f):
         f.write(b'PK\x03\x04 half a zip')
@@ -334,12 +339,6 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:100])  # what a non-atomic writer killed mid-way leaves
     with pytest.raises(UserError, match='truncated or not a checkpoint'):
         load_checkpoint(str(path))
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -------------------------------------------------------------------------------------------------

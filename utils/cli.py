@@ -104,8 +104,6 @@ def stage_parser(description, batch_size, epochs, lr, matching=False):
     g.add_argument('--logs-dir', default='./logs/', help='logs.txt, args.json and tensorboard events go to <logs-dir>/<tag>/')
     g.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
                    help='auto: CUDA when torch sees a GPU (CUDA_VISIBLE_DEVICES decides which), else CPU')
-    g.add_argument('--amp', default='auto', choices=('auto', 'bf16', 'fp16', 'off'),
-                   help='mixed precision (auto: bf16 on CUDA, off on CPU)')
     g.add_argument('--deterministic', action='store_true', help='reproducible kernels (slower on GPU)')
     add_fastpath_flags(g)
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -138,8 +136,11 @@ def add_match_flags(p, acting):
 
 
 def add_fastpath_flags(g):
-    """How the work runs, not what it computes (utils/runtime.FastPath)."""
-    from utils.runtime import COMPILE_MODES, OPTIM_IMPLS, SWITCH
+    """How the work runs, not what it computes (utils/runtime.FastPath); the stages' and
+    misc/benchmark.py's."""
+    from utils.runtime import AMP_CHOICES, COMPILE_MODES, OPTIM_IMPLS, SWITCH
+    g.add_argument('--amp', default='auto', choices=AMP_CHOICES,
+                   help='mixed precision (auto: bf16 on CUDA, off on CPU)')
     g.add_argument('--channels-last', default='auto', choices=SWITCH,
                    help='conv weights and activations in NHWC (auto: on for CUDA, off on CPU)')
     g.add_argument('--compile', nargs='?', const='default', default='off', choices=COMPILE_MODES,
@@ -149,6 +150,13 @@ def add_fastpath_flags(g):
     g.add_argument('--gp-amp', action='store_true',
                    help='run the gradient penalty under --amp too (default: fp32, the reference\'s '
                         'precision; bf16 moves the penalty by a few percent)')
+
+
+def add_cuda_graphs_flag(g):
+    """pool_match.py's (and misc/benchmark.py's) --cuda-graphs."""
+    g.add_argument('--cuda-graphs', default='off', choices=('off', 'on'),
+                   help="replay the --epochs-match-train pool steps from one CUDA graph (one launch instead "
+                        "of thousands; same computation). Off by default: not yet measured on a GPU")
 
 
 def add_resume_flags(p, save_every):

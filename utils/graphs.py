@@ -15,24 +15,15 @@ import torch
 from utils.errors import UserError
 
 
-NO_STREAM = object()  # what the CPU test's stream_factory returns
-
-
 class GraphedStep:
     """Calls `fn()` eagerly `warmup` times (on a side stream, as CUDA-graph capture asks, so that lazy
     initialisation, cuDNN autotuning and the optimizer's state happen outside the graph), then
-    captures it once on that stream and replays the capture on every later call. Each call runs `fn` exactly once:
-    capturing records kernels without running them, so the capturing call replays right after.
+    captures it once on that stream and replays the capture on every later call. Each call runs `fn`
+    exactly once: capturing records kernels without running them, so the capturing call replays right
+    after."""
 
-    `graph_factory` and `stream_factory` exist for the CPU test of this bookkeeping; the stage uses
-    the defaults, torch.cuda.CUDAGraph and torch.cuda.Stream.
-    """
-
-    def __init__(self, fn, warmup=3, graph_factory=None, stream_factory=None, capture=None):
+    def __init__(self, fn, warmup=3):
         self.fn, self.warmup = fn, warmup
-        self.graph_factory = graph_factory or torch.cuda.CUDAGraph
-        self.stream_factory = stream_factory or torch.cuda.Stream
-        self.capture = capture or torch.cuda.graph
         self.graph, self.calls, self.side = None, 0, None
 
     def __call__(self):
@@ -45,12 +36,11 @@ class GraphedStep:
         self.calls += 1
 
     def _capture(self):
-        graph = self.graph_factory()
-        side = self._side_stream()
+        graph = torch.cuda.CUDAGraph()
         try:
             # on the warm-up's stream: libraries that create per-stream handles or workspaces lazily
             # (cuBLAS, cuBLASLt) have done so there, outside the capture
-            with self.capture(graph, **({} if side is NO_STREAM else {'stream': side})):
+            with torch.cuda.graph(graph, stream=self._side_stream()):
                 self.fn()
         except RuntimeError as e:  # an op that can't be captured (a host sync, a CPU tensor, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -60,14 +50,11 @@ class GraphedStep:
 
     def _side_stream(self):
         if self.side is None:
-            self.side = self.stream_factory()
+            self.side = torch.cuda.Stream()
         return self.side
 
     def _eager_on_side_stream(self):
         side = self._side_stream()
-        if side is NO_STREAM:  # the CPU test: no streams to order
-            self.fn()
-            return
         current = torch.cuda.current_stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):

@@ -111,7 +111,7 @@ class TrainSet:
 
 
 def train_fixed(model_name, train_sets, info, test_split, args, device, ctx, seeds, stack=True,
-                runlog=None, desc=None, val_split=None):
+                runlog=None, val_split=None):
     """Train one classifier per seed, seed k on the fixed `train_sets[k]` (one TrainSet for all seeds
     is accepted too), and test it on the real test set (and on `val_split`, held-out real images, when
     given).
@@ -133,7 +133,7 @@ def train_fixed(model_name, train_sets, info, test_split, args, device, ctx, see
     results = []
     for members in groups:
         results += train_group(model_name, [train_sets[k] for k in members], info, test_split, args, device,
-                               ctx, [seeds[k] for k in members], stacked, runlog, desc, val_split)
+                               ctx, [seeds[k] for k in members], stacked, runlog, val_split)
     return results, stacked
 
 

@@ -171,7 +171,7 @@ def lr_at(epoch, epochs, lr):
 
 
 def train_group(model_name, train_sets, info, test_split, args, device, ctx, seeds, stacked, runlog=None,
-                desc=None, val_split=None):
+                val_split=None):
     """Train one classifier per seed, model k on `train_sets[k]` (all of one size), stacked or (one
     seed) plain, with the fixed-set recipe of utils.protocols.train_fixed. Returns one result per seed."""
     K, n, B = len(seeds), len(train_sets[0]), args.batch_size
@@ -191,7 +191,7 @@ def train_group(model_name, train_sets, info, test_split, args, device, ctx, see
         tests = PeriodicTests(K, args, held_out=val_split is not None)
         bar = range(epochs)
         if runlog is not None:
-            bar = runlog.progress(bar, desc=desc or f'{model_name} x{K}')
+            bar = runlog.progress(bar, desc=f'{model_name} x{K}')
         group.train(True)
         for epoch in bar:
             for g in opt.param_groups:
