@@ -14,7 +14,7 @@ import torch
 from data.datasets import normalize, to_gan_range
 from models import list_models
 from utils import distributed
-from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step, skipped_metric
+from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step
 from utils.augment import make_augment
 from utils.checkpoint import LAST
 from utils.cli import (add_cuda_graphs_flag, add_match_flags, add_resume_flags, check_flags as check_stage_flags,
@@ -143,7 +143,9 @@ def train_iteration(nets, pool, images, labels, ctx, gp_amp=False):
         pool.train_steps()  # --epochs-match-train SGD steps of the pool model on real batches
         loss_match = pool.match_loss(real, fake, labels)
         skipped = optimizer_step(loss_g + loss_match, nets.opt_g, nets.scaler_g)
-    metrics = {'loss_g': loss_g.detach(), 'loss_match': loss_match.detach(), **skipped_metric('skipped_g', skipped)}
+    metrics = {'loss_g': loss_g.detach(), 'loss_match': loss_match.detach()}
+    if skipped is not None:  # fp16 loss scaling
+        metrics['skipped_g'] = skipped
     metrics.update(discriminator_step(nets.G_train, nets.D_train, nets.opt_d, real, labels, ctx, nets.scaler_d,
                                       gp_amp=gp_amp))
     return metrics

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.datasets import load_dataset, normalize, to_classifier_input  # noqa: E402
-from utils.checkpoint import check_compatible, checkpoint_dataset, load_checkpoint, load_generator  # noqa: E402
+from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluate import build_classifier, test  # noqa: E402
@@ -84,7 +84,7 @@ def main():
         raise UserError("--per-class must be at least 2 and --epochs at least 1")
     seed_everything(args.seed)
     ckpt = load_checkpoint(args.pretrain_weight)
-    name = args.data or checkpoint_dataset(ckpt)
+    name = args.data or checkpoint_data(ckpt)[0]
     if name is None:
         raise UserError(f"{args.pretrain_weight} is an official-format checkpoint: say its dataset with --data")
     data_dir = args.data_dir or (ckpt.get('args') or {}).get('data_dir') or './data'

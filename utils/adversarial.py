@@ -92,7 +92,10 @@ def generator_step(G, D, opt_g, labels, ctx, scaler):
     with critic_frozen(D):
         _, loss = generator_loss(G, D, labels, ctx)
         skipped = optimizer_step(loss, opt_g, scaler)
-    return {'loss_g': loss.detach(), **skipped_metric('skipped_g', skipped)}
+    metrics = {'loss_g': loss.detach()}
+    if skipped is not None:  # fp16 loss scaling
+        metrics['skipped_g'] = skipped
+    return metrics
 
 
 def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False, gp_weight=10.0):
@@ -119,8 +122,9 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False
     loss = adv + ce + gp
     skipped = optimizer_step(loss, opt_d, scaler)
     out = {'loss_d': loss.detach(), 'wasserstein': -adv.detach(), 'gp': gp.detach(),
-           'acc_real': (logits[:n].argmax(1) == real_labels).float().mean().detach(),
-           **skipped_metric('skipped_d', skipped)}
+           'acc_real': (logits[:n].argmax(1) == real_labels).float().mean().detach()}
+    if skipped is not None:  # fp16 loss scaling
+        out['skipped_d'] = skipped
     if grad_scale is not None:
         # an overflow of the scaled penalty gradient: the scaler skipped this step (see module doc)
         shown = torch.where(torch.isfinite(out['gp']), out['gp'], torch.zeros_like(out['gp']))
@@ -138,7 +142,3 @@ def optimizer_step(loss, opt, scaler):
     before = scale_value(scaler, loss.device)
     backward_step(loss, opt, scaler)
     return (scale_value(scaler, loss.device) < before).float()
-
-
-def skipped_metric(name, skipped):
-    return {} if skipped is None else {name: skipped}

@@ -117,16 +117,12 @@ def is_official(ckpt):
     return ckpt.get('format') != FORMAT
 
 
-def checkpoint_dataset(ckpt):
-    """The dataset name stored in a checkpoint, or None for an official-format file."""
-    return None if is_official(ckpt) else ckpt['dataset'].get('name')
-
-
 def checkpoint_data(ckpt):
     """(dataset name, --data-dir) a checkpoint was trained with, what data.datasets.resolve_data
     fills the flags from; (None, None) without a checkpoint or for an official-format file."""
-    name = checkpoint_dataset(ckpt) if ckpt is not None else None
-    return name, (ckpt.get('args') or {}).get('data_dir') if name else None
+    if ckpt is None or is_official(ckpt):
+        return None, None
+    return ckpt['dataset'].get('name'), (ckpt.get('args') or {}).get('data_dir')
 
 
 _SIZE_KEYS = ('img_size', 'channels', 'num_classes')
