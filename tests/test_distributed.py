@@ -35,7 +35,8 @@ from models import Discriminator, Generator
 from utils import adversarial, distributed
 from utils.errors import Interrupted, UserError
 from utils.matching import gradient_penalty
-from utils.runtime import make_scaler
+from utils.adversarial import build_gan
+from utils.runtime import FastPath, make_scaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
@@ -62,10 +63,12 @@ def test_without_torchrun_nothing_changes(monkeypatch):
     model = nn.Linear(2, 2)
     assert distributed.wrap(model) is model and distributed.is_main() and distributed.world_size() == 1
     assert distributed.broadcast_object('x') == 'x' and distributed.first_bad_step(torch.tensor(-1)) == -1
-    nets = argparse.Namespace(G=model, D=model, G_train=model, D_train=model)
+    nets = build_gan(dict(num_classes=C, channels=1, img_size=28, dim_noise=16, width=8),
+                     dict(num_classes=C, channels=1, img_size=28, width=8), FastPath.plain(CPU), lr=1e-3)
+    G, D = nets.G, nets.D
     state = torch.get_rng_state()
     distributed.prepare(nets, args, iteration=0)
-    assert nets.G_train is model and nets.D_train is model and nets.G is model
+    assert nets.G_train is G and nets.D_train is D and nets.G is G and nets.D is D
     assert torch.equal(torch.get_rng_state(), state)
 
 
