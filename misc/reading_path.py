@@ -25,10 +25,13 @@ SKIP = (os.path.join(ROOT, '.venv'), os.path.join(ROOT, 'tests'), os.path.join(R
 
 
 class Recorder:
-    """Repository functions called while `on`, as {file: {function}}."""
+    """Repository functions called while `on`, as {file: {function}}, and the calls back into the
+    script from the rest of the repository (a callback: the reader jumps back into the script from
+    inside a utils/ function)."""
 
-    def __init__(self):
-        self.on, self.seen = False, defaultdict(set)
+    def __init__(self, script=None):
+        self.on, self.seen, self.callbacks = False, defaultdict(set), 0
+        self.script = os.path.abspath(script.__file__) if script is not None else None
 
     def __call__(self, frame, event, arg):
         if event != 'call' or not self.on:
@@ -43,10 +46,14 @@ class Recorder:
         if code.co_name.startswith('<') and code.co_name != '<lambda>':
             return  # comprehensions and module bodies are part of the function around them
         self.seen[os.path.relpath(path, ROOT)].add(name)
+        caller = os.path.abspath(frame.f_back.f_code.co_filename) if frame.f_back is not None else ''
+        if path == self.script and caller != path and caller.startswith(ROOT + os.sep):
+            self.callbacks += 1
 
     def report(self, title):
         functions = sum(len(v) for v in self.seen.values())
-        print(f"{title}: {len(self.seen)} files, {functions} functions")
+        print(f"{title}: {len(self.seen)} files, {functions} functions, {self.callbacks} calls back into the "
+              f"script from other repository files")
         for path in sorted(self.seen):
             print(f"  {path}: {', '.join(sorted(self.seen[path]))}")
         return len(self.seen), functions
@@ -54,7 +61,7 @@ class Recorder:
 
 def second_iteration(script, argv, title):
     """Record from the loop's second batch fetch to its third."""
-    recorder = Recorder()
+    recorder = Recorder(script)
     fetches = {'n': 0}
     import data.datasets as datasets
     original = datasets.BatchStream.batches
@@ -79,7 +86,7 @@ def second_iteration(script, argv, title):
 
 
 def whole_run(script, argv, title):
-    recorder = Recorder()
+    recorder = Recorder(script)
     recorder.on = True
     sys.argv = [script.__file__] + argv
     sys.setprofile(recorder)
