@@ -154,6 +154,8 @@ class Reproduction:
         # ipc 1 and 10 first, then the full training set, then ipc 50: the cheapest rows come first
         ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
         for ipc in ipcs:
+            if self.args.rows and str(ipc) not in self.args.rows:
+                continue
             if ipc == 'full':
                 self.evaluate('eval full', 'full', ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
                                                     '--test-interval', max(1, self.s['full_epochs'] // 3)])
@@ -180,12 +182,20 @@ def get_parser():
     p.add_argument('--schedule', default='cpu', choices=('cpu', 'paper'))
     p.add_argument('--data-dir', default=None, help='passed to every script')
     p.add_argument('--device', default='auto')
+    p.add_argument('--rows', nargs='+', default=None, metavar='ROW',
+                   help="only these rows: ipc values and/or 'full' (default: every row of the schedule); "
+                        "the stages they need still run (or are skipped when done)")
     p.add_argument('--collect', action='store_true', help='only write docs/results.json and docs/RESULTS.md')
     return p
 
 
 def main():
     args = get_parser().parse_args()
+    if args.rows:
+        known = [str(i) for i in schedule_for(args.dataset, args.schedule)['ipcs']] + ['full']
+        unknown = [r for r in args.rows if r not in known]
+        if unknown:
+            raise SystemExit(f"error: --rows {' '.join(unknown)}: this schedule's rows are {', '.join(known)}")
     if not args.collect:
         Reproduction(args).all()
     from misc.results import collect

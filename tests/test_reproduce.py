@@ -95,7 +95,7 @@ def test_reproduce_runs_each_step_once_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, 'run', fake_run)
     monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
     (tmp_path / 'figs').mkdir()
-    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu')
+    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=None)
     # a stage-2 run that was stopped: its last.pth is there, so it continues with --resume
     (tmp_path / 'results' / 'repro-digits-cpu-s2').mkdir(parents=True)
     (tmp_path / 'results' / 'repro-digits-cpu-s2' / 'last.pth').write_text('')
@@ -140,3 +140,30 @@ def test_diagnose_reports_conditioning_and_spread(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'diagnose.py'), '--pretrain-weight',
                           str(tmp_path / 'g.pth'), '--per-class', '1'], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reproduce_rows_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(script, *flags, log):
+        flags = [str(f) for f in flags]
+        calls.append((script, flags))
+        folder = tmp_path / 'results' / flags[flags.index('--tag') + 1]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / {'validate.py': 'eval.json', 'gen_condense.py': 'model_dict_1.pth'}[script]).write_text('{}')
+        return 1.0
+    monkeypatch.setattr(reproduce, 'run', fake_run)
+    monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
+    (tmp_path / 'figs').mkdir()
+    args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['50'])
+    reproduce.Reproduction(args).all()
+    tags = [c[1][c[1].index('--tag') + 1] for c in calls]
+    # the stage the rows need, then only the ipc-50 rows (mnist's cpu schedule has no stage 2)
+    assert tags == ['repro-mnist-cpu-s1', 'repro-mnist-cpu-dim-s1-onthefly-ipc50',
+                    'repro-mnist-cpu-dim-s1-fixed-ipc50', 'repro-mnist-cpu-random-ipc50']
+
+
+def test_reproduce_refuses_an_unknown_row(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--rows', '50', '20'])
+    with pytest.raises(SystemExit, match=r"--rows 20: this schedule's rows are 1, 10, 50, full"):
+        reproduce.main()
