@@ -68,29 +68,45 @@ def records_of(report_path, schedules, times):
     return out
 
 
+RECORD_KEY = ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'selection')
+
+
+def _key(record):
+    return (record['schedule']['name'],) + tuple(record[k] for k in RECORD_KEY)
+
+
 def collect(results_dir, json_path, md_path):
+    """Write the records of the runs under results_dir into json_path and md_path. Records already in
+    json_path whose runs are not under results_dir (another machine's, or a results/ folder since
+    removed) are kept: a row is replaced only by a new run of the same row, never dropped."""
     from misc.reproduce import schedule_for
 
-    records, stage_times = [], {}
+    found, stage_times = {}, {}
     for path in sorted(glob.glob(os.path.join(results_dir, 'repro-*', 'eval.json'))):
         m = TAG.match(os.path.basename(os.path.dirname(path)))
         if not m:
             continue
         times_path = os.path.join(results_dir, f"repro-{m['dataset']}-{m['schedule']}-times.json")
         times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-        stage_times[(m['dataset'], m['schedule'])] = {k: v for k, v in times.items() if k.startswith('stage')}
+        stage_times[f"{m['dataset']}/{m['schedule']}"] = {k: round(v['seconds'], 1) for k, v in times.items()
+                                                           if k.startswith('stage')}
         try:
             schedule = schedule_for(m['dataset'], m['schedule'])
         except SystemExit:
             schedule = {}
-        records += records_of(path, {m['schedule']: schedule}, times)
+        for record in records_of(path, {m['schedule']: schedule}, times):
+            found[_key(record)] = record
+    earlier = json.load(open(json_path)) if os.path.exists(json_path) else {}
+    kept = [r for r in earlier.get('records', []) if _key(r) not in found]
+    records = kept + list(found.values())
+    stage_times = {name: {**earlier.get('stage_wall_s', {}).get(name, {}), **stage_times.get(name, {})}
+                   for name in sorted({*earlier.get('stage_wall_s', {}), *stage_times})}
     with open(json_path, 'w') as f:
-        json.dump({'records': records, 'stage_wall_s': {f'{d}/{s}': {k: round(v['seconds'], 1) for k, v in t.items()}
-                                                        for (d, s), t in stage_times.items()},
-                   'quoted': QUOTED}, f, indent=1)
+        json.dump({'records': records, 'stage_wall_s': stage_times, 'quoted': QUOTED}, f, indent=1)
         f.write('\n')
     write_between_markers(md_path, markdown(records, stage_times))
-    print(f"wrote {len(records)} records to {os.path.relpath(json_path, ROOT)} and {os.path.relpath(md_path, ROOT)}")
+    print(f"wrote {len(records)} records ({len(found)} from {os.path.relpath(results_dir, ROOT)}, {len(kept)} kept "
+          f"from the earlier {os.path.relpath(json_path, ROOT)}) and {os.path.relpath(md_path, ROOT)}")
 
 
 BEGIN, END = '<!-- measured results: begin (misc/results.py writes this part) -->', '<!-- measured results: end -->'
@@ -142,9 +158,9 @@ def markdown(records, stage_times):
         if quoted:
             lines += ['', f"Quoted columns (published, not measured here): {quoted['source']}."
                       + (f" Full training set (quoted): {quoted['full'][None]}." if 'full' in quoted else '')]
-        times = stage_times.get((dataset, schedule), {})
+        times = stage_times.get(f'{dataset}/{schedule}', {})
         if times:
-            lines += ['', 'Wall time: ' + ', '.join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in sorted(times.items()))
+            lines += ['', 'Wall time: ' + ', '.join(f"{k} {seconds / 60:.1f} min" for k, seconds in sorted(times.items()))
                       + f" ({mine[0]['device'] if mine else '?'}, torch {mine[0]['torch'] if mine else '?'})."]
         lines.append('')
     return '\n'.join(lines) + '\n'

@@ -68,6 +68,29 @@ def test_collect_writes_one_record_per_selection_and_keeps_the_prose(reports, tm
     assert f'| 1 | {mean:.1f} ± {std:.1f} |' in text  # the random column of the ipc-1 row
 
 
+def test_collect_keeps_earlier_rows_and_replaces_only_rerun_ones(reports, tmp_path):
+    """docs/results.json is the lasting record: collecting from a results/ folder that lacks some runs
+    (removed, or made on another machine) keeps their rows; a rerun of a row replaces it."""
+    root, made = reports
+    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
+    collect(str(root), str(out), str(md))
+    first = json.loads(out.read_text())
+    collect(str(tmp_path / 'no-results'), str(out), str(md))  # the runs are gone: nothing is lost
+    assert json.loads(out.read_text()) == first
+    partial = tmp_path / 'partial'
+    (partial / 'repro-digits-cpu-random-ipc1').mkdir(parents=True)
+    rerun = json.loads(json.dumps(made['random-ipc1']))
+    rerun['rows'][0]['selected_top1_mean'] = 12.5
+    (partial / 'repro-digits-cpu-random-ipc1' / 'eval.json').write_text(json.dumps(rerun))
+    collect(str(partial), str(out), str(md))
+    records = json.loads(out.read_text())['records']
+    assert len(records) == len(first['records'])
+    held = [r for r in records if r['method'] == 'random' and r['selection'] == 'held-out']
+    assert [r['mean'] for r in held] == [12.5]
+    assert [r for r in records if r['method'] == 'dim'] == [r for r in first['records'] if r['method'] == 'dim']
+    assert json.loads(out.read_text())['stage_wall_s'] == {'digits/cpu': {'stage1': 60.0}}
+
+
 def test_compare_prints_reports_under_one_header(reports):
     root, _ = reports
     paths = [str(root / f'repro-digits-cpu-{t}' / 'eval.json') for t in ('random-ipc1', 'dim-s12-fixed-ipc1')]
