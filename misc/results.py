@@ -4,8 +4,8 @@
     python misc/results.py            # the same as: python misc/reproduce.py DATASET --collect
 
 Rows already in docs/results.json whose runs are not under results/ (a removed folder, another machine)
-are kept; a rerun of a row replaces it. Only what was measured goes in; the published numbers quoted beside them are in QUOTED, each with its
-source, and are never mixed into the measured records.
+are kept; a rerun of a row replaces it. Only what was measured goes in; the published numbers quoted
+beside them are in QUOTED, each with its source, and are never mixed into the measured records.
 """
 import glob
 import json
