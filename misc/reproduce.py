@@ -87,6 +87,9 @@ class Reproduction:
             self.common += ['--data-dir', args.data_dir]
         self.times_path = os.path.join(self.results, f'{self.prefix}-times.json')
         self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
+        # classifiers other than the schedule's are rows of their own: their tags carry the model names
+        self.models = tuple(args.eval_model or self.s['eval_models'])
+        self.model_suffix = '' if self.models == tuple(self.s['eval_models']) else '-' + '-'.join(self.models)
 
     def path(self, tag, name):
         return os.path.join(self.results, f'{self.prefix}-{tag}', name)
@@ -135,15 +138,16 @@ class Reproduction:
         e = self.s['eval']
         return ['--epochs-eval', e['epochs_eval'], '--test-interval', e['test_interval']]
 
-    def evaluate(self, key, tag, flags, models=None):
+    def evaluate(self, key, tag, flags):
         e = self.s['eval']
+        key, tag = key + self.model_suffix, tag + self.model_suffix
         report = self.path(tag, 'eval.json')
         if os.path.exists(report):
             print(f"{key}: done")
             return
         self.timed(key, run('validate.py', *self.common, '--tag', f'{self.prefix}-{tag}', *self.eval_flags(),
                             '--num-eval', e['num_eval'], '--val-per-class', e['val_per_class'],
-                            '--eval-model', *(models or self.s['eval_models']), *flags, log=self.log))
+                            '--eval-model', *self.models, *flags, log=self.log))
 
     def all(self):
         print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")
@@ -185,12 +189,20 @@ def get_parser():
     p.add_argument('--rows', nargs='+', default=None, metavar='ROW',
                    help="only these rows: ipc values and/or 'full' (default: every row of the schedule); "
                         "the stages they need still run (or are skipped when done)")
+    p.add_argument('--eval-model', nargs='+', default=None, metavar='MODEL',
+                   help="classifiers of the evaluation rows (default: the schedule's); other than the "
+                        "schedule's, they are rows of their own (tags ending in -MODEL)")
     p.add_argument('--collect', action='store_true', help='only write docs/results.json and docs/RESULTS.md')
     return p
 
 
 def main():
     args = get_parser().parse_args()
+    if args.eval_model:
+        from models import list_models
+        unknown = [m for m in args.eval_model if m not in list_models()]
+        if unknown:
+            raise SystemExit(f"error: --eval-model {' '.join(unknown)}: not a model; choose from {', '.join(list_models())}")
     if args.rows:
         known = [str(i) for i in schedule_for(args.dataset, args.schedule)['ipcs']] + ['full']
         unknown = [r for r in args.rows if r not in known]

@@ -118,7 +118,7 @@ def test_reproduce_runs_each_step_once_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, 'run', fake_run)
     monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
     (tmp_path / 'figs').mkdir()
-    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=None)
+    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=None, eval_model=None)
     # a stage-2 run that was stopped: its last.pth is there, so it continues with --resume
     (tmp_path / 'results' / 'repro-digits-cpu-s2').mkdir(parents=True)
     (tmp_path / 'results' / 'repro-digits-cpu-s2' / 'last.pth').write_text('')
@@ -178,15 +178,28 @@ def test_reproduce_rows_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, 'run', fake_run)
     monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
     (tmp_path / 'figs').mkdir()
-    args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['50'])
+    args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['50'], eval_model=None)
     reproduce.Reproduction(args).all()
     tags = [c[1][c[1].index('--tag') + 1] for c in calls]
     # the stage the rows need, then only the ipc-50 rows (mnist's cpu schedule has no stage 2)
     assert tags == ['repro-mnist-cpu-s1', 'repro-mnist-cpu-dim-s1-onthefly-ipc50',
                     'repro-mnist-cpu-dim-s1-fixed-ipc50', 'repro-mnist-cpu-random-ipc50']
+    # another classifier: rows of their own beside the finished ConvNet-3 ones, the stage not rerun
+    calls.clear()
+    reproduce.Reproduction(Namespace(**{**vars(args), 'eval_model': ['resnet18']})).all()
+    assert [c[1][c[1].index('--tag') + 1] for c in calls] == [
+        'repro-mnist-cpu-dim-s1-onthefly-ipc50-resnet18', 'repro-mnist-cpu-dim-s1-fixed-ipc50-resnet18',
+        'repro-mnist-cpu-random-ipc50-resnet18']
+    assert all(c[1][c[1].index('--eval-model') + 1] == 'resnet18' and c[1][c[1].index('--eval-model') + 2] != 'convnet'
+               for c in calls)
+    times = json.loads((tmp_path / 'results' / 'repro-mnist-cpu-times.json').read_text())
+    assert 'eval random-ipc50-resnet18' in times and 'eval random-ipc50' in times
 
 
-def test_reproduce_refuses_an_unknown_row(monkeypatch, capsys):
+def test_reproduce_refuses_an_unknown_row_or_model(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--rows', '50', '20'])
     with pytest.raises(SystemExit, match=r"--rows 20: this schedule's rows are 1, 10, 50, full"):
+        reproduce.main()
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--eval-model', 'resnet19'])
+    with pytest.raises(SystemExit, match=r"--eval-model resnet19: not a model; choose from .*resnet18"):
         reproduce.main()
