@@ -3,6 +3,7 @@ both protocols, beside a random real subset and the full training set, all throu
 
     python misc/reproduce.py digits                      # the cpu schedule (2 CPU cores)
     python misc/reproduce.py mnist --data-dir data       # torchvision MNIST under data/
+    python misc/reproduce.py cifar10-jpeg --data-dir /scratch/cifar10-jpeg   # shared/datasets' JPEG copy
     python misc/reproduce.py cifar10 --schedule paper    # the paper's schedule, for a GPU
     python misc/reproduce.py digits --collect            # only gather the finished rows into docs/
 
@@ -46,8 +47,16 @@ SCHEDULES = {
         'mnist': dict(width=32, stage1=dict(epochs=2, lr=5e-4, batch_size=128), stage2=None,
                       eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
                       stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
+        'cifar10-jpeg': dict(width=32, stage1=dict(epochs=3, lr=5e-4, batch_size=128), stage2=None,
+                             eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
+                             stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
     },
 }
+
+# Datasets of this script that the stages read under another --data: the lossy JPEG copy of CIFAR-10 in
+# shared/datasets is an image folder (train/<class>/, test/<class>/), kept apart from real CIFAR-10 so
+# that its numbers are never mistaken for the original's.
+IMAGE_FOLDERS = {'cifar10-jpeg': 'the extracted cifar10-jpeg folder (train/<class>/*.jpg, test/<class>/*.jpg)'}
 
 
 def schedule_for(dataset, name):
@@ -82,7 +91,8 @@ class Reproduction:
         self.results = os.path.join(ROOT, 'results')
         self.log = os.path.join(ROOT, 'logs', f'{self.prefix}.log')
         os.makedirs(os.path.dirname(self.log), exist_ok=True)
-        self.common = ['--data', self.dataset, '--device', args.device, '--no-progress']
+        data = 'imagefolder' if self.dataset in IMAGE_FOLDERS else self.dataset
+        self.common = ['--data', data, '--device', args.device, '--no-progress']
         if args.data_dir:
             self.common += ['--data-dir', args.data_dir]
         self.times_path = os.path.join(self.results, f'{self.prefix}-times.json')
@@ -182,7 +192,7 @@ class Reproduction:
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('dataset', help='digits, mnist (cpu schedule) or any dataset of gen_condense.py (paper)')
+    p.add_argument('dataset', help='digits, mnist, cifar10-jpeg (cpu schedule) or any dataset of gen_condense.py (paper)')
     p.add_argument('--schedule', default='cpu', choices=('cpu', 'paper'))
     p.add_argument('--data-dir', default=None, help='passed to every script')
     p.add_argument('--device', default='auto')
@@ -208,6 +218,8 @@ def main():
         unknown = [r for r in args.rows if r not in known]
         if unknown:
             raise SystemExit(f"error: --rows {' '.join(unknown)}: this schedule's rows are {', '.join(known)}")
+    if args.dataset in IMAGE_FOLDERS and not args.data_dir and not args.collect:
+        raise SystemExit(f"error: {args.dataset} needs --data-dir: {IMAGE_FOLDERS[args.dataset]}")
     if not args.collect:
         Reproduction(args).all()
     from misc.results import collect

@@ -16,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TAG = re.compile(r'repro-(?P<dataset>[a-z0-9]+)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
+TAG = re.compile(r'repro-(?P<dataset>[a-z0-9-]+?)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
 # how the accuracy of one classifier is read: at the last epoch, at the periodic test chosen on held-out
 # real training images (--val-per-class), or the best periodic test (chosen on the test set: optimistic)
 SELECTIONS = {'final': 'top1', 'held-out': 'selected_top1', 'best-on-test': 'best_top1'}
