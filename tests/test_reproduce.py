@@ -11,7 +11,7 @@ import torch
 
 from data.datasets import load_dataset
 from misc import reproduce
-from misc.results import BEGIN, END, collect
+from misc.results import BEGIN, END, TAG, collect
 from tests.helpers import ROOT, eval_args, save_tiny_generator
 from utils.protocols import run_evaluation
 
@@ -202,4 +202,34 @@ def test_reproduce_refuses_an_unknown_row_or_model(monkeypatch):
         reproduce.main()
     monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--eval-model', 'resnet19'])
     with pytest.raises(SystemExit, match=r"--eval-model resnet19: not a model; choose from .*resnet18"):
+        reproduce.main()
+
+
+def test_reproduce_reads_the_cifar10_jpeg_copy_as_an_image_folder(tmp_path, monkeypatch):
+    """The JPEG copy of CIFAR-10 runs under --data imagefolder, and its rows keep a dataset name of their
+    own (with a dash, which the tag parser must take whole)."""
+    calls = []
+
+    def fake_run(script, *flags, log):
+        flags = [str(f) for f in flags]
+        calls.append(flags)
+        folder = tmp_path / 'results' / flags[flags.index('--tag') + 1]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / {'validate.py': 'eval.json', 'gen_condense.py': 'model_dict_2.pth'}[script]).write_text('{}')
+        return 1.0
+    monkeypatch.setattr(reproduce, 'run', fake_run)
+    monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
+    (tmp_path / 'figs').mkdir()
+    args = Namespace(dataset='cifar10-jpeg', schedule='cpu', data_dir='/x/cifar10-jpeg', device='cpu', rows=['1'],
+                     eval_model=None)
+    reproduce.Reproduction(args).all()
+    assert all(f[f.index('--data') + 1] == 'imagefolder' and f[f.index('--data-dir') + 1] == '/x/cifar10-jpeg'
+               for f in calls)
+    tags = [f[f.index('--tag') + 1] for f in calls]
+    assert tags[0] == 'repro-cifar10-jpeg-cpu-s1' and len(tags) == 4
+    m = TAG.match(tags[-1])
+    assert (m['dataset'], m['schedule'], m['tag']) == ('cifar10-jpeg', 'cpu', 'random-ipc1')
+    assert TAG.match('repro-mnist-cpu-dim-s1-fixed-ipc10')['dataset'] == 'mnist'
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'cifar10-jpeg'])
+    with pytest.raises(SystemExit, match='cifar10-jpeg needs --data-dir'):
         reproduce.main()
