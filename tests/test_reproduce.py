@@ -99,25 +99,27 @@ def test_compare_prints_reports_under_one_header(reports):
     assert out.count('| method |') == 1 and '| random | fixed |' in out and '| dim | fixed |' in out
 
 
-def test_reproduce_runs_each_step_once_and_resumes(tmp_path, monkeypatch):
+def _record_runs(tmp_path, monkeypatch, stage1_final):
+    """Replace the scripts by a recorder that leaves each step's finished file under tmp_path/results;
+    returns the list of (script, flags) it fills."""
     calls = []
+    finished = {'validate.py': 'eval.json', 'gen_condense.py': stage1_final, 'pool_match.py': 'last.pth'}
 
     def fake_run(script, *flags, log):
         flags = [str(f) for f in flags]
         calls.append((script, flags))
-        tag = flags[flags.index('--tag') + 1]
-        folder = tmp_path / 'results' / tag
+        folder = tmp_path / 'results' / flags[flags.index('--tag') + 1]
         folder.mkdir(parents=True, exist_ok=True)
-        if script == 'validate.py':
-            (folder / 'eval.json').write_text('{}')
-        elif script == 'gen_condense.py':
-            (folder / 'model_dict_49.pth').write_text('')
-        else:
-            (folder / 'last.pth').write_text('')
+        (folder / finished[script]).write_text('{}')
         return 1.0
     monkeypatch.setattr(reproduce, 'run', fake_run)
     monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
     (tmp_path / 'figs').mkdir()
+    return calls
+
+
+def test_reproduce_runs_each_step_once_and_resumes(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_49.pth')
     args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=None, eval_model=None)
     # a stage-2 run that was stopped: its last.pth is there, so it continues with --resume
     (tmp_path / 'results' / 'repro-digits-cpu-s2').mkdir(parents=True)
@@ -166,18 +168,7 @@ def test_diagnose_reports_conditioning_and_spread(tmp_path):
 
 
 def test_reproduce_rows_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_run(script, *flags, log):
-        flags = [str(f) for f in flags]
-        calls.append((script, flags))
-        folder = tmp_path / 'results' / flags[flags.index('--tag') + 1]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / {'validate.py': 'eval.json', 'gen_condense.py': 'model_dict_1.pth'}[script]).write_text('{}')
-        return 1.0
-    monkeypatch.setattr(reproduce, 'run', fake_run)
-    monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
-    (tmp_path / 'figs').mkdir()
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
     args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['50'], eval_model=None)
     reproduce.Reproduction(args).all()
     tags = [c[1][c[1].index('--tag') + 1] for c in calls]
@@ -208,24 +199,13 @@ def test_reproduce_refuses_an_unknown_row_or_model(monkeypatch):
 def test_reproduce_reads_the_cifar10_jpeg_copy_as_an_image_folder(tmp_path, monkeypatch):
     """The JPEG copy of CIFAR-10 runs under --data imagefolder, and its rows keep a dataset name of their
     own (with a dash, which the tag parser must take whole)."""
-    calls = []
-
-    def fake_run(script, *flags, log):
-        flags = [str(f) for f in flags]
-        calls.append(flags)
-        folder = tmp_path / 'results' / flags[flags.index('--tag') + 1]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / {'validate.py': 'eval.json', 'gen_condense.py': 'model_dict_2.pth'}[script]).write_text('{}')
-        return 1.0
-    monkeypatch.setattr(reproduce, 'run', fake_run)
-    monkeypatch.setattr(reproduce, 'ROOT', str(tmp_path))
-    (tmp_path / 'figs').mkdir()
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_2.pth')
     args = Namespace(dataset='cifar10-jpeg', schedule='cpu', data_dir='/x/cifar10-jpeg', device='cpu', rows=['1'],
                      eval_model=None)
     reproduce.Reproduction(args).all()
     assert all(f[f.index('--data') + 1] == 'imagefolder' and f[f.index('--data-dir') + 1] == '/x/cifar10-jpeg'
-               for f in calls)
-    tags = [f[f.index('--tag') + 1] for f in calls]
+               for _, f in calls)
+    tags = [f[f.index('--tag') + 1] for _, f in calls]
     assert tags[0] == 'repro-cifar10-jpeg-cpu-s1' and len(tags) == 4
     m = TAG.match(tags[-1])
     assert (m['dataset'], m['schedule'], m['tag']) == ('cifar10-jpeg', 'cpu', 'random-ipc1')
