@@ -63,7 +63,8 @@ def records_of(report_path, schedules, times):
                 'storage_bytes': {'generator_fp32': store.get('generator_bytes_fp32'),
                                   'generator_bf16': store.get('generator_bytes_bf16'),
                                   'ipc_images_uint8': store.get('ipc_images_bytes_uint8')},
-                'wall_s': round(row['wall_seconds'], 1), 'device': report['device'], 'torch': report['torch'],
+                'wall_s': round(row['wall_seconds'], 1), 'device': report['device'],
+                'hardware': report.get('hardware'), 'torch': report['torch'],
                 'commit': step.get('commit'),
             })
     return out
@@ -98,7 +99,8 @@ def collect(results_dir, json_path, md_path):
         for record in records_of(path, {m['schedule']: schedule}, times):
             found[_key(record)] = record
     earlier = json.load(open(json_path)) if os.path.exists(json_path) else {}
-    kept = [r for r in earlier.get('records', []) if _key(r) not in found]
+    # records from before eval.json named the hardware say so with None
+    kept = [{'hardware': None, **r} for r in earlier.get('records', []) if _key(r) not in found]
     records = kept + list(found.values())
     stage_times = {name: {**earlier.get('stage_wall_s', {}).get(name, {}), **stage_times.get(name, {})}
                    for name in sorted({*earlier.get('stage_wall_s', {}), *stage_times})}
@@ -161,8 +163,11 @@ def markdown(records, stage_times):
                       + (f" Full training set (quoted): {quoted['full'][None]}." if 'full' in quoted else '')]
         times = stage_times.get(f'{dataset}/{schedule}', {})
         if times:
+            first = mine[0] if mine else {}
+            on = f": {first['hardware']}" if first.get('hardware') else ''
+            where = f"{first.get('device', '?')}{on}, torch {first.get('torch', '?')}"
             lines += ['', 'Wall time: ' + ', '.join(f"{k} {seconds / 60:.1f} min" for k, seconds in sorted(times.items()))
-                      + f" ({mine[0]['device'] if mine else '?'}, torch {mine[0]['torch'] if mine else '?'})."]
+                      + f" ({where})."]
         lines.append('')
     return '\n'.join(lines) + '\n'
 

@@ -23,7 +23,7 @@ CPU = torch.device('cpu')
 NOCTX = torch.autocast('cpu', enabled=False)
 REPORT_KEYS = {'format', 'protocol', 'method', 'dataset', 'num_classes', 'ipc', 'train_images', 'architectures',
                'num_eval', 'seeds', 'set_seed', 'generator_checkpoint', 'generator_sha256', 'recipe',
-               'accuracy_keys', 'rows', 'device', 'amp', 'torch', 'wall_seconds', 'test_bn', 'set_seeds', 'fixed_set',
+               'accuracy_keys', 'rows', 'device', 'hardware', 'amp', 'torch', 'wall_seconds', 'test_bn', 'set_seeds', 'fixed_set',
                'val_per_class', 'val_images', 'storage'}
 ROW_KEYS = {'architecture', 'seeds', 'stacked', 'wall_seconds', 'test_curves'} | {
     f'{k}{s}' for k in ('top1', 'best_top1', 'top5', 'best_top5') for s in ('', '_mean', '_std')}
@@ -220,6 +220,8 @@ def test_baselines_random_and_full(digits):
     for report in (rand, full):
         assert set(report) == REPORT_KEYS and set(report['rows'][0]) == ROW_KEYS
         assert report['protocol'] == 'fixed'
+        # which kernels ran: a CPU with another instruction set gives other bits
+        assert report['hardware'].endswith(f", {torch.backends.cpu.get_cpu_capability()} kernels")
     assert '| random | fixed | running | digits | 1 | convnet | 2 |' in markdown_table(rand)
     assert '| full | fixed | running | digits | all | convnet | 1 |' in markdown_table(full)
 

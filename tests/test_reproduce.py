@@ -57,8 +57,9 @@ def test_collect_writes_one_record_per_selection_and_keeps_the_prose(reports, tm
     assert held['set_seeds'] == [7, 8] and held['commit'] == 'abc1234' and held['stages'] is None
     assert held['schedule']['name'] == 'cpu' and held['schedule']['width'] == 64
     for key in ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'test_bn', 'selection', 'mean', 'std',
-                'seeds', 'accuracies', 'schedule', 'storage_bytes', 'wall_s', 'device', 'torch', 'commit'):
+                'seeds', 'accuracies', 'schedule', 'storage_bytes', 'wall_s', 'device', 'hardware', 'torch', 'commit'):
         assert key in held, key
+    assert held['hardware'] == made['random-ipc1']['hardware'] and 'kernels' in held['hardware']
     dim = next(r for r in records if r['method'] == 'dim' and r['selection'] == 'final')
     assert dim['stages'] == '1+2' and dim['storage_bytes']['generator_fp32'] > 0
     text = md.read_text()
@@ -66,6 +67,7 @@ def test_collect_writes_one_record_per_selection_and_keeps_the_prose(reports, tm
     assert '## digits, cpu schedule, convnet' in text
     mean, std = row['selected_top1_mean'], row['selected_top1_std']
     assert f'| 1 | {mean:.1f} ± {std:.1f} |' in text  # the random column of the ipc-1 row
+    assert f"Wall time: stage1 1.0 min (cpu: {held['hardware']}, torch {torch.__version__})." in text
 
 
 def test_collect_keeps_earlier_rows_and_replaces_only_rerun_ones(reports, tmp_path):
@@ -89,6 +91,18 @@ def test_collect_keeps_earlier_rows_and_replaces_only_rerun_ones(reports, tmp_pa
     assert [r['mean'] for r in held] == [12.5]
     assert [r for r in records if r['method'] == 'dim'] == [r for r in first['records'] if r['method'] == 'dim']
     assert json.loads(out.read_text())['stage_wall_s'] == {'digits/cpu': {'stage1': 60.0}}
+
+
+def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
+    root, _ = reports
+    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
+    collect(str(root), str(out), str(md))
+    old = json.loads(out.read_text())
+    for record in old['records']:
+        del record['hardware']
+    out.write_text(json.dumps(old))
+    collect(str(tmp_path / 'no-results'), str(out), str(md))
+    assert {r['hardware'] for r in json.loads(out.read_text())['records']} == {None}
 
 
 def test_compare_prints_reports_under_one_header(reports):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from data.datasets import Split, normalize, to_classifier_input
 from utils.errors import UserError
 from utils.evaluate import test_batch_size, train_on_generator
-from utils.runtime import seed_everything
+from utils.runtime import hardware, seed_everything
 from utils.stacking import can_stack, train_group
 
 PROTOCOLS = ('onthefly', 'fixed')
@@ -335,6 +335,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         },
         'rows': rows,
         'device': str(device),
+        'hardware': hardware(device),
         'amp': getattr(args, 'amp', 'off'),
         'torch': torch.__version__,
         'wall_seconds': round(time.time() - start, 3),

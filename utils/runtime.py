@@ -9,6 +9,7 @@ torch.compile of the modules, and loss scaling for fp16. Each stage builds one f
 import contextlib
 import functools
 import inspect
+import platform
 import random
 from dataclasses import dataclass
 
@@ -33,6 +34,23 @@ def select_device(name='auto'):
         raise UserError("--device cuda asked for, but torch sees no CUDA device "
                         "(check CUDA_VISIBLE_DEVICES and that the CUDA build of torch is installed)")
     return torch.device(name)
+
+
+def hardware(device):
+    """What computed a result, finer than the device type: the GPU's name, or the CPU's model and the
+    instruction set torch's CPU kernels use. The same run on a CPU with another instruction set rounds
+    differently (forcing AVX2 on an AVX-512 machine changes a stage-1 run's weights), so bit-identical
+    reruns need the same kind of CPU."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
 def setup_backend(device, deterministic):
