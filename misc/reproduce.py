@@ -8,8 +8,9 @@ both protocols, beside a random real subset and the full training set, all throu
     python misc/reproduce.py digits --collect            # only gather the finished rows into docs/
 
 It runs the three scripts as a user would (subprocesses, tags repro-<dataset>-<schedule>-*), so each
-step is resumable: a finished step (its final checkpoint or eval.json exists) is skipped, a stopped
-stage continues with --resume. Run it again after an interruption. It prints the schedule, and the wall
+step is resumable: after an interruption, run the same command with --resume; a finished step (its
+final checkpoint or eval.json exists) is skipped, a stopped stage continues where it stopped. Without
+--resume it refuses to touch an earlier run's results. It prints the schedule, and the wall
 time of every step; at the end it writes docs/results.json and docs/RESULTS.md (all datasets found) and
 copies the final sample grids to figs/.
 
@@ -77,7 +78,7 @@ def run(script, *flags, log):
         code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.time() - start
     if code != 0:
-        raise SystemExit(f"error: {script} exited with {code}; see {log}. Run the same command again to resume.")
+        raise SystemExit(f"error: {script} exited with {code}; see {log}. Run the same command with --resume to continue.")
     print(f"  done in {seconds / 60:.1f} min", flush=True)
     return seconds
 
@@ -100,6 +101,10 @@ class Reproduction:
         # classifiers other than the schedule's are rows of their own: their tags carry the model names
         self.models = tuple(args.eval_model or self.s['eval_models'])
         self.model_suffix = '' if self.models == tuple(self.s['eval_models']) else '-' + '-'.join(self.models)
+
+    def started(self):
+        """Whether an earlier run of this reproduction left anything under results/."""
+        return bool(glob.glob(os.path.join(self.results, f'{self.prefix}-*')))
 
     def path(self, tag, name):
         return os.path.join(self.results, f'{self.prefix}-{tag}', name)
@@ -202,6 +207,9 @@ def get_parser():
     p.add_argument('--eval-model', nargs='+', default=None, metavar='MODEL',
                    help="classifiers of the evaluation rows (default: the schedule's); other than the "
                         "schedule's, they are rows of their own (tags ending in -MODEL)")
+    p.add_argument('--resume', action='store_true',
+                   help='continue the earlier run of this reproduction (also to add rows or models to it): '
+                        'finished steps are skipped, a stopped stage continues where it stopped')
     p.add_argument('--collect', action='store_true', help='only write docs/results.json and docs/RESULTS.md')
     return p
 
@@ -221,7 +229,11 @@ def main():
     if args.dataset in IMAGE_FOLDERS and not args.data_dir and not args.collect:
         raise SystemExit(f"error: {args.dataset} needs --data-dir: {IMAGE_FOLDERS[args.dataset]}")
     if not args.collect:
-        Reproduction(args).all()
+        reproduction = Reproduction(args)
+        if reproduction.started() and not args.resume:
+            raise SystemExit(f"error: results/{reproduction.prefix}-* hold an earlier run of this reproduction; "
+                             "add --resume to continue it, or move them away to start over")
+        reproduction.all()
     from misc.results import collect
     collect(os.path.join(ROOT, 'results'), RESULTS_JSON, RESULTS_MD)
 

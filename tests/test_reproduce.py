@@ -201,6 +201,26 @@ def test_reproduce_rows_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
     assert 'eval random-ipc50-resnet18' in times and 'eval random-ipc50' in times
 
 
+def test_reproduce_continues_an_earlier_run_only_with_resume(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
+    collected = []
+    monkeypatch.setattr('misc.results.collect', lambda *paths: collected.append(paths))
+    first_run = ['reproduce.py', 'mnist', '--data-dir', 'data', '--device', 'cpu', '--rows', '1']
+    monkeypatch.setattr(sys, 'argv', first_run)
+    reproduce.main()  # nothing under results/ yet: a first run needs no --resume
+    done = len(calls)
+    assert done == 4 and len(collected) == 1
+    more_rows = ['reproduce.py', 'mnist', '--data-dir', 'data', '--device', 'cpu', '--rows', '10']
+    monkeypatch.setattr(sys, 'argv', more_rows)
+    with pytest.raises(SystemExit, match=r'results/repro-mnist-cpu-\* hold an earlier run .* add --resume'):
+        reproduce.main()
+    assert len(calls) == done and len(collected) == 1  # refused before anything ran or was rewritten
+    monkeypatch.setattr(sys, 'argv', more_rows + ['--resume'])
+    reproduce.main()
+    assert [f[f.index('--tag') + 1] for _, f in calls[done:]] == [
+        'repro-mnist-cpu-dim-s1-onthefly-ipc10', 'repro-mnist-cpu-dim-s1-fixed-ipc10', 'repro-mnist-cpu-random-ipc10']
+
+
 def test_reproduce_refuses_an_unknown_row_or_model(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--rows', '50', '20'])
     with pytest.raises(SystemExit, match=r"--rows 20: this schedule's rows are 1, 10, 50, full"):
