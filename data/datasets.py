@@ -235,13 +235,14 @@ def info_from_dict(d):
 # batches on the device
 
 def to_gan_range(x_uint8):
-    """uint8 pixels -> [-1, 1], as ToTensor then Normalize(0.5, 0.5) computes it."""
-    return (x_uint8.float().div(255) - 0.5) / 0.5
+    """uint8 pixels -> [-1, 1], as ToTensor then Normalize(0.5, 0.5) computes it, in torch's default
+    float dtype (float32 unless a float64 check asked for more)."""
+    return (x_uint8.to(torch.get_default_dtype()).div(255) - 0.5) / 0.5
 
 
 def to_classifier_input(x_uint8, info):
     """uint8 pixels -> classifier input normalised by the dataset statistics (test images)."""
-    return normalize(x_uint8.float().div(255), info.mean, info.std)
+    return normalize(x_uint8.to(torch.get_default_dtype()).div(255), info.mean, info.std)
 
 
 def normalize(x, mean, std):

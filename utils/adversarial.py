@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import Discriminator, Generator, conditional_noise
-from utils.matching import gradient_penalty
+from utils.matching import gradient_penalty, upcast
 from utils.runtime import backward_step, eager, scale_value
 
 
@@ -83,7 +83,7 @@ def generator_loss(G, D, labels, ctx):
     with ctx:
         fake = generate(G, labels)
         critic, logits = D(fake)
-        loss = -critic.float().mean() + F.cross_entropy(logits.float(), labels)
+        loss = -upcast(critic).mean() + F.cross_entropy(upcast(logits), labels)
     return fake, loss
 
 
@@ -110,14 +110,14 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False
     with ctx:
         # one pass over real and fake together: the critic has only per-sample (layer) norms
         critic, logits = D(torch.cat([real, fake.to(real.dtype)]))
-        critic, logits = critic.float(), logits.float()
+        critic, logits = upcast(critic), upcast(logits)
         n = len(real)
         adv = critic[n:].mean() - critic[:n].mean()
         ce = F.cross_entropy(logits[n:], fake_labels) + F.cross_entropy(logits[:n], real_labels)
     plain_critic = eager(D)
     grad_scale = scale_value(scaler, real.device) if scaler.is_enabled() and gp_amp else None
     with ctx if gp_amp else torch.autocast(real.device.type, enabled=False):
-        gp = gradient_penalty(lambda x: plain_critic(x)[0].float(), real, fake.to(real.dtype),
+        gp = gradient_penalty(lambda x: upcast(plain_critic(x)[0]), real, fake.to(real.dtype),
                               weight=gp_weight, grad_scale=grad_scale)
     loss = adv + ce + gp
     skipped = optimizer_step(loss, opt_d, scaler)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['gradient_penalty', 'logit_match_loss', 'feature_match_loss',
+__all__ = ['upcast', 'gradient_penalty', 'logit_match_loss', 'feature_match_loss',
            'gradient_match_loss', 'MATCH_LOSSES', 'METRICS', 'dist']
 
 LOGIT_WEIGHT = 0.01
@@ -25,8 +25,9 @@ GRAD_WEIGHT = 0.001      # per parameter tensor of gradient matching
 COS_EPS = 1e-6           # added to the norm product of the cos distance
 
 
-def _fp32(t: Tensor) -> Tensor:
-    # reduce half-precision (autocast) values in float32; keep float64 as is
+def upcast(t: Tensor) -> Tensor:
+    """Half-precision (autocast) values to float32 for reductions and losses; float32 and float64 stay
+    as they are, so a float64 run (the golden-value tests) stays float64 throughout."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -55,8 +56,8 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
         scores = scores * grad_scale
     grad, = torch.autograd.grad(scores, x_hat, create_graph=True)
     if grad_scale is not None:
-        grad = _fp32(grad) / grad_scale
-    norm = _fp32(grad.flatten(1)).norm(2, dim=1)
+        grad = upcast(grad) / grad_scale
+    norm = upcast(grad.flatten(1)).norm(2, dim=1)
     return weight * ((norm - 1) ** 2).mean()
 
 
@@ -90,8 +91,8 @@ def logit_match_loss(model: nn.Module, real: Tensor, fake: Tensor,
         raise ValueError(f'logit matching pairs samples: got {real.shape[0]} real and {fake.shape[0]} fake')
     real_x, fake_x = _augment_pair(real, fake, augment)
     with torch.no_grad():
-        real_logp = F.log_softmax(_fp32(model(real_x)), dim=1)
-    fake_logp = F.log_softmax(_fp32(model(fake_x)), dim=1)
+        real_logp = F.log_softmax(upcast(model(real_x)), dim=1)
+    fake_logp = F.log_softmax(upcast(model(fake_x)), dim=1)
     return LOGIT_WEIGHT * ((real_logp - fake_logp) ** 2).mean()
 
 
@@ -161,7 +162,7 @@ def feature_match_loss(model: nn.Module, real: Tensor, fake: Tensor, idx_from: i
         raise ValueError(f'feature layers [{idx_from}, {idx_to}] out of range: the model has {n} layers '
                          f'(indices 0..{n - 1}, idx_from <= idx_to, idx_to = -1 for idx_from alone)')
     fake_feats = model.features(fake_x)
-    d = [metric_fn(_fp32(real_feats[i]).mean(0), _fp32(fake_feats[i]).mean(0))
+    d = [metric_fn(upcast(real_feats[i]).mean(0), upcast(fake_feats[i]).mean(0))
          for i in range(idx_from, idx_to + 1)]
     return FEATURE_WEIGHT * torch.stack(d).sum()
 
@@ -195,13 +196,13 @@ def gradient_match_loss(model: nn.Module, real: Tensor, real_labels: Tensor, fak
     if not params:
         raise ValueError('no parameters to match (no conv weights, and bias/fc not selected)')
 
-    loss_real = F.cross_entropy(_fp32(model(real.detach())), real_labels)
+    loss_real = F.cross_entropy(upcast(model(real.detach())), real_labels)
     g_real = torch.autograd.grad(loss_real, params, allow_unused=True)
-    loss_fake = F.cross_entropy(_fp32(model(fake)), fake_labels)
+    loss_fake = F.cross_entropy(upcast(model(fake)), fake_labels)
     g_fake = torch.autograd.grad(loss_fake, params, create_graph=True, allow_unused=True)
 
     # a parameter the forward does not use has no gradient on either side
-    d = [metric_fn(_fp32(gr.detach()), _fp32(gf))
+    d = [metric_fn(upcast(gr.detach()), upcast(gf))
          for gr, gf in zip(g_real, g_fake) if gr is not None and gf is not None]
     if not d:
         raise ValueError('none of the matched parameters received a gradient')
