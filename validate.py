@@ -75,7 +75,7 @@ def main():
     # with a baseline a given checkpoint only supplies the default dataset
     ckpt = load_checkpoint(args.pretrain_weight) if args.pretrain_weight else None
     device = select_device(args.device)
-    setup_backend(device, args.deterministic)
+    setup_backend(device, args.deterministic, getattr(args, 'cudnn_benchmark', False))
     args.amp = resolve_amp(args.amp, device)
     info, train_split, test_split = resolve_data(args, *checkpoint_data(ckpt))
     if ckpt is not None:

@@ -1,8 +1,14 @@
 """Benchmark of DiM's three inner loops on CIFAR-shaped random data (a benchmark, not a test).
 
-    python misc/benchmark.py --device cuda --json bench.json           # the default settings
-    python misc/benchmark.py --device cuda --configs plain fast        # the reference's way vs the fast path
-    python misc/benchmark.py --device cpu --quick --json /tmp/b.json   # tiny, under a minute on a CPU
+    python misc/benchmark.py --device cuda --json bench.json             # plain, each switch alone, the bundle
+    python misc/benchmark.py --device cuda --configs plain fast --amp bf16  # plain against the flags given
+    python misc/benchmark.py --device cpu --quick --json /tmp/b.json     # tiny, under a minute on a CPU
+
+Configs (--configs): `plain` is the default path (fp32, the official code's cuDNN settings, torch's
+default optimizer kernels); each name of SWITCHES turns on one switch alone; `bundle` turns on every
+switch that keeps fp32 numerics (not bf16, not compile); `fast` takes the fast-path flags given on the
+command line. Every row has its time relative to plain and how far its losses are from plain's after the
+same --check-iters iterations from the same seed.
 
 Loops, each run through the real step functions (gen_condense.train_iteration, pool_match.Pool and
 pool_match.train_iteration, utils/evaluate's generated_batch and classifier_step):
@@ -17,10 +23,13 @@ For each loop and config it reports the median milliseconds per iteration over -
 after --warmup (CUDA events on a GPU, perf_counter on the CPU), images per second, the matmul/conv FLOPs
 of one iteration (torch.utils.flop_counter.FlopCounterMode, forward and backward, eager), the achieved
 TFLOP/s against a large matrix product timed in the same run (bf16 on CUDA, fp32 on the CPU), peak
-memory, and on CUDA the host syncs of one iteration (torch.cuda.set_sync_debug_mode). --json writes
-the same as one file.
+memory, the aten operators one iteration dispatches and the host reads of tensor values among them
+(.item(), bool(tensor): each a host sync on a GPU; counted on any device by a TorchDispatchMode), and on
+CUDA the host syncs torch.cuda.set_sync_debug_mode reports. --json writes the same as one file.
 """
 import argparse
+import collections
+import functools
 import json
 import os
 import platform
@@ -28,6 +37,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 from types import SimpleNamespace
@@ -37,6 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import gen_condense  # noqa: E402
@@ -49,13 +60,28 @@ from utils.augment import make_augment  # noqa: E402
 from utils.cli import OneLineParser, add_cuda_graphs_flag, add_fastpath_flags, run  # noqa: E402
 from utils.evaluate import (build_classifier, classifier_optimizer, classifier_step, generated_batch,  # noqa: E402
                             iterations_per_epoch, test)
-from utils.runtime import FastPath, select_device, setup_backend  # noqa: E402
+from utils.runtime import FastPath, default_tf32, select_device, setup_backend  # noqa: E402
 
 INFO = DATASETS['cifar10']
 POOL = pool_match.POOL
 # The default CIFAR-10 schedule, for the projections
 CIFAR_TRAIN, STAGE1_EPOCHS, STAGE2_EPOCHS, EVAL_INTERVAL = 50000, 150, 100, 10
 EVAL_EPOCHS, EVAL_IPC, EVAL_TESTS = 1000, 50, 5
+
+# One switch each, on top of the plain path: FastPath fields, plus the cuDNN autotuner and stage 2's
+# CUDA graphs, which are not FastPath fields. 'bundle' is every switch that keeps fp32 numerics.
+SWITCHES = {
+    'bf16': {'amp': 'bf16'},
+    'channels-last': {'channels_last': True},
+    'foreach': {'optim_impl': 'foreach'},
+    'fused': {'optim_impl': 'fused'},
+    'cudnn-benchmark': {'cudnn_benchmark': True},
+    'cuda-graphs': {'cuda_graphs': 'on'},
+    'compile': {'compile': 'default'},
+}
+BUNDLE = {'channels_last': True, 'optim_impl': 'fused', 'cudnn_benchmark': True, 'cuda_graphs': 'on'}
+CONFIGS = ('plain', *SWITCHES, 'bundle', 'fast')
+CUDA_ONLY = ('cudnn-benchmark', 'cuda-graphs')  # nothing to measure on the CPU
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,6 +209,41 @@ def count_flops(step):
     return int(counter.get_total_flops())
 
 
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten operators a piece of code dispatches (on a GPU each is at least one kernel launch
+    of a few microseconds: at these sizes the count predicts the time) and, by the repository function
+    that caused them, the reads of tensor values by the host (.item(), int(), bool(): a host sync on a
+    GPU) and tensors made from Python data (an H2D copy that waits, on CUDA). Reads inside torch.optim
+    are left out: they read the step counters, which non-fused optimizers keep on the host on every
+    device, so they cost no sync on a GPU either."""
+
+    HOST_READS = ('_local_scalar_dense', 'lift_fresh', 'lift_fresh_copy')
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.host_reads = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = func.overloadpacket.__name__
+        if name in self.HOST_READS:
+            stack = traceback.extract_stack()[:-1]
+            if not any(f'{os.sep}torch{os.sep}optim{os.sep}' in f.filename for f in stack):
+                ours = [f for f in stack if f.filename.startswith(ROOT + os.sep) and '/site-packages/' not in f.filename
+                        and not f.filename.startswith(os.path.join(ROOT, 'tests'))
+                        and f.filename != os.path.abspath(__file__)]
+                self.host_reads[(name, ours[-1].name if ours else '?')] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatch(step):
+    """(aten operators, host reads) of one call."""
+    with DispatchCounter() as counter:
+        step()
+    return counter.ops, sum(counter.host_reads.values())
+
+
 def count_host_syncs(step, device):
     """Synchronising CUDA calls in one iteration (None on the CPU, where nothing is asynchronous)."""
     if device.type != 'cuda':
@@ -219,39 +280,35 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS so far
 
 
-def amp_vs_fp32(make, fast, iters):
-    """The first `iters` iterations' losses under the config's --amp against the same iterations in
-    fp32, from the same seed and random draws: per loss, the largest difference over the loss's mean
-    absolute fp32 value (None when the config runs in fp32 already)."""
-    if fast.amp == 'off' or iters < 1:
-        return None
-    runs = []
-    for amp in ('off', fast.amp):
-        work = make(replace(fast, amp=amp))  # seeds the global RNG, so both runs draw the same numbers
-        runs.append([{k: float(v) for k, v in work.step().items()} for _ in range(iters)])
-    fp32, mixed = runs
+def loss_trace(make, fast, iters):
+    """The losses of the first `iters` iterations of a workload built from the same seed."""
+    work = make(fast)  # seeds the global RNG, so every config draws the same numbers
+    return [{k: float(v) for k, v in work.step().items() if not k.startswith('skipped')} for _ in range(iters)]
+
+
+def deviation(reference, trace):
+    """Per loss, the largest difference from the reference over the iterations, over the loss's mean
+    absolute reference value (relative to its typical size, not to each value: the Wasserstein estimate,
+    say, crosses zero)."""
     out = {}
-    for key in fp32[0]:
-        if key.startswith('skipped'):
-            continue
-        # relative to the loss's typical size over the iterations, not to each value: the Wasserstein
-        # estimate, say, crosses zero
-        scale = max(sum(abs(f[key]) for f in fp32) / iters, 1e-12)
-        out[key] = max(abs(m[key] - f[key]) for f, m in zip(fp32, mixed)) / scale
+    for key in reference[0]:
+        scale = max(sum(abs(r[key]) for r in reference) / len(reference), 1e-12)
+        out[key] = max(abs(t[key] - r[key]) for r, t in zip(reference, trace)) / scale
     return out
 
 
-def measure(name, make, fast, opts, peak, extra=None):
-    """Build the workload, count its FLOPs (eagerly, on a separate copy), compare --amp against fp32,
-    time it."""
+def measure(name, make, fast, opts, peak, reference=None, extra=None):
+    """Build the workload, count its FLOPs (eagerly, on a separate copy) and its dispatched operators,
+    compare its losses with the plain path's `reference` trace, time it."""
     device = fast.device
     flops = count_flops(make(replace(fast, compile='off')).step)
-    amp_check = amp_vs_fp32(make, fast, opts.amp_check_iters)
+    trace = loss_trace(make, fast, opts.check_iters) if opts.check_iters else None
     reset_memory(device)
     work = make(fast)
     t0 = time.perf_counter()
     times = time_steps(work.step, device, opts.warmup, opts.iters)
     wall = time.perf_counter() - t0
+    ops, host_reads = count_dispatch(work.step)
     ms = statistics.median(times)
     row = {
         'loop': name, 'config': opts.config_name, 'fast_path': fast.describe(), 'batch': work.batch,
@@ -263,9 +320,11 @@ def measure(name, make, fast, opts, peak, extra=None):
         'fraction_of_peak': flops / ms / 1e9 / peak['tflops'] if flops else None,
         'peak_memory_mb': peak_memory_mb(device),
         'peak_memory_kind': 'cuda max_memory_allocated' if device.type == 'cuda' else 'process peak RSS',
+        'ops_per_iter': ops, 'host_reads_per_iter': host_reads,
         'host_syncs_per_iter': count_host_syncs(work.step, device),
-        'amp_vs_fp32_max_rel_diff': amp_check,
-        'amp_check_iters': opts.amp_check_iters if amp_check else 0,
+        'losses': trace,
+        'vs_plain_max_rel_diff': deviation(reference, trace) if reference and trace else None,
+        'check_iters': opts.check_iters,
         'seconds_total': wall,
     }
     if extra:
@@ -314,13 +373,31 @@ def project(rows):
 
 # ---------------------------------------------------------------------------------------------------
 
-def reference_backend(device):
-    """The reference's cuDNN settings: deterministic, no autotuning, and PyTorch's TF32 defaults
-    (convolutions in TF32, matrix products in full fp32)."""
-    setup_backend(device, deterministic=True)
-    if device.type == 'cuda':
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cuda.matmul.allow_tf32 = False
+def config_path(config, opts, device):
+    """(FastPath, whether cuDNN autotunes, --cuda-graphs) of a config."""
+    if config == 'fast':
+        return FastPath.from_args(opts, device), opts.cudnn_benchmark, opts.cuda_graphs
+    switch = BUNDLE if config == 'bundle' else SWITCHES.get(config, {})
+    fields = {k: v for k, v in switch.items() if k not in ('cudnn_benchmark', 'cuda_graphs')}
+    if device.type != 'cuda':
+        switch = {k: v for k, v in switch.items() if k not in ('cudnn_benchmark', 'cuda_graphs')}
+    return (replace(FastPath.plain(device), **fields), switch.get('cudnn_benchmark', False),
+            switch.get('cuda_graphs', 'off'))
+
+
+def describe_row(row):
+    notes = f", {row['ops_per_iter']} ops, {row['host_reads_per_iter']} host reads"
+    if row['host_syncs_per_iter'] is not None:
+        notes += f", {row['host_syncs_per_iter']} host syncs"
+    if row['speedup_vs_plain']:
+        notes += f", x{row['speedup_vs_plain']:.2f} vs plain"
+    if row['vs_plain_max_rel_diff'] is not None:
+        notes += ', losses vs plain: ' + ' '.join(f'{k} {v:.1e}' for k, v in row['vs_plain_max_rel_diff'].items())
+    rate = (f"{row['flops_per_iter'] / 1e9:9.2f} GFLOP/it  {row['tflops_achieved']:7.3f} TFLOP/s "
+            f"({100 * row['fraction_of_peak']:.1f}% of peak)" if row['flops_per_iter'] else 'FLOPs n/a')
+    return (f"[{row['config']}] {row['loop']:22s} {row['ms_median']:9.2f} ms/it  {row['images_per_s']:9.1f} img/s  "
+            f"{rate}  peak mem {row['peak_memory_mb']:.0f} MB{notes}"
+            + (f"  validation run {row['validation_projected_s']:.1f} s" if row.get('validation_projected_s') else ''))
 
 
 def get_parser():
@@ -334,14 +411,15 @@ def get_parser():
     p.add_argument('--pool-models', nargs='+', default=None,
                    help=f"stage-2 pool models (default convnet resnet18; --quick: convnet; 'all': {' '.join(POOL)})")
     p.add_argument('--eval-models', nargs='+', default=['convnet'])
-    p.add_argument('--configs', nargs='+', default=['fast'], choices=('fast', 'plain'),
-                   help="fast: the flags below; plain: fp32, contiguous, per-parameter optimizer loop, "
-                        "no compile, deterministic cuDNN (the reference's way)")
-    g = p.add_argument_group("the fast path of the 'fast' config (the stages' flags; 'plain' ignores them)")
+    p.add_argument('--configs', nargs='+', default=['plain', *SWITCHES, 'bundle'], choices=CONFIGS,
+                   help="plain: the default path (fp32, the official cuDNN settings, torch's optimizer kernels); "
+                        "a switch's name: that switch alone; bundle: " + ' + '.join(sorted(BUNDLE))
+                        + "; fast: the flags below")
+    g = p.add_argument_group("the fast path of the 'fast' config (the stages' flags; the others ignore them)")
     add_fastpath_flags(g)
     add_cuda_graphs_flag(g)
-    p.add_argument('--amp-check-iters', type=int, default=None,
-                   help='iterations whose losses are compared between --amp and fp32 (default 5; --quick: 2)')
+    p.add_argument('--check-iters', type=int, default=None,
+                   help="iterations whose losses are compared with plain's (default 5; --quick: 2; 0: none)")
     p.add_argument('--width', type=int, default=None, help='G/D width (default 196; --quick: 8)')
     p.add_argument('--batch-stage1', type=int, default=None, help='default 128 (--quick: 8)')
     p.add_argument('--batch-stage2', type=int, default=None, help='default 64 (--quick: 8)')
@@ -363,7 +441,7 @@ def fill_defaults(opts, device):
     defaults = dict(width=8 if quick else 196, batch_stage1=8 if quick else 128, batch_stage2=8 if quick else 64,
                     batch_eval=8 if quick else 128, pool_steps=2 if quick else 16, iters=3 if quick else 50,
                     warmup=1 if quick else 10, train_size=256 if quick else CIFAR_TRAIN,
-                    amp_check_iters=2 if quick else 5,
+                    check_iters=2 if quick else 5,
                     test_size=100 if quick else 10000,
                     matmul_n=256 if quick else (8192 if device.type == 'cuda' else 1024))
     defaults['pool_models'] = ['convnet'] if quick else ['convnet', 'resnet18']
@@ -380,7 +458,8 @@ def main(argv=None):
     device = select_device(opts.device)
     fill_defaults(opts, device)
     torch.set_num_threads(opts.threads)
-    setup_backend(device, deterministic=False)
+    setup_backend(device)
+    default_tf32()
     peak = peak_matmul(device, opts.matmul_n, reps=5 if device.type == 'cpu' else 20)
     meta = {'torch': torch.__version__, 'python': platform.python_version(), 'device': str(device),
             'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine(),
@@ -389,39 +468,41 @@ def main(argv=None):
             'options': {k: v for k, v in vars(opts).items() if k != 'json'}}
     print(f"torch {torch.__version__} on {meta['device_name']} ({device}); peak {peak['dtype']} matmul "
           f"n={peak['n']}: {peak['tflops']:.3f} TFLOP/s", flush=True)
-    rows = []
+    plan = []
+    if 'stage1' in opts.loops:
+        plan.append(('stage1', lambda f, graphs: stage1_workload(f, opts.width, opts.batch_stage1, opts.train_size),
+                     None))
+    if 'stage2' in opts.loops:
+        for m in opts.pool_models:
+            plan.append((f'stage2_{m}', lambda f, graphs, m=m: stage2_workload(
+                f, m, opts.width, opts.batch_stage2, opts.pool_steps, opts.train_size, cuda_graphs=graphs), None))
+    if 'validation' in opts.loops:
+        for m in opts.eval_models:
+            plan.append((f'validation_{m}', lambda f, graphs, m=m: validation_workload(f, m, opts.width, opts.batch_eval),
+                         validation_extra(opts, device)))
+    rows, references = [], {}
     for config in opts.configs:
-        if config == 'plain':
-            fast = FastPath.plain(device)
-            reference_backend(device)
-        else:
-            fast = FastPath.from_args(opts, device)
-            setup_backend(device, deterministic=False)
+        if device.type != 'cuda' and config in CUDA_ONLY:
+            print(f"[{config}] skipped: CUDA only")
+            continue
+        fast, benchmark, graphs = config_path(config, opts, device)
+        setup_backend(device, benchmark=benchmark)
         opts.config_name = config
-        plan = []
-        if 'stage1' in opts.loops:
-            plan.append(('stage1', lambda f: stage1_workload(f, opts.width, opts.batch_stage1, opts.train_size), None))
-        if 'stage2' in opts.loops:
-            for m in opts.pool_models:
-                graphs = 'off' if config == 'plain' else opts.cuda_graphs
-                plan.append((f'stage2_{m}', lambda f, m=m, graphs=graphs: stage2_workload(
-                    f, m, opts.width, opts.batch_stage2, opts.pool_steps, opts.train_size,
-                    cuda_graphs=graphs), None))
-        if 'validation' in opts.loops:
-            for m in opts.eval_models:
-                plan.append((f'validation_{m}', lambda f, m=m: validation_workload(f, m, opts.width, opts.batch_eval),
-                             validation_extra(opts, device)))
         for name, make, extra in plan:
-            row = measure(name, make, fast, opts, peak, extra)
+            if config == 'cuda-graphs' and not name.startswith('stage2'):
+                continue  # only stage 2's pool steps are graphed
+            build = functools.partial(lambda f, make, graphs: make(f, graphs), make=make, graphs=graphs)
+            if name not in references and opts.check_iters:
+                plain = config_path('plain', opts, device)[0]
+                setup_backend(device)
+                references[name] = loss_trace(functools.partial(make, graphs='off'), plain, opts.check_iters)
+                setup_backend(device, benchmark=benchmark)
+            row = measure(name, build, fast, opts, peak, references.get(name), extra)
+            base = row if config == 'plain' else next(
+                (r for r in rows if r['loop'] == name and r['config'] == 'plain'), None)
+            row['speedup_vs_plain'] = base['ms_median'] / row['ms_median'] if base else None
             rows.append(row)
-            notes = '' if row['host_syncs_per_iter'] is None else f", {row['host_syncs_per_iter']} host syncs"
-            if row['amp_vs_fp32_max_rel_diff']:
-                notes += ', vs fp32: ' + ' '.join(f'{k} {v:.1e}' for k, v in row['amp_vs_fp32_max_rel_diff'].items())
-            rate = (f"{row['flops_per_iter'] / 1e9:9.2f} GFLOP/it  {row['tflops_achieved']:7.3f} TFLOP/s "
-                    f"({100 * row['fraction_of_peak']:.1f}% of peak)" if row['flops_per_iter'] else 'FLOPs n/a')
-            print(f"[{config}] {name:22s} {row['ms_median']:9.2f} ms/it  {row['images_per_s']:9.1f} img/s  "
-                  f"{rate}  peak mem {row['peak_memory_mb']:.0f} MB{notes}"
-                  + (f"  validation run {row['validation_projected_s']:.1f} s" if row.get('validation_projected_s') else ''))
+            print(describe_row(row), flush=True)
     projection = project(rows)
     for config, p in projection.items():
         print(f"[{config}] default CIFAR-10 pipeline projected: stage 1 {p['stage1_h']:.2f} h + stage 2 "

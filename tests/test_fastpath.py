@@ -9,27 +9,26 @@ All on the CPU at tiny sizes; the workloads are misc/benchmark.py's, which call 
 DIM_TEST_DEVICE=cuda runs the path comparisons on a GPU instead (TF32 off, deterministic cuDNN); the
 mixed-precision tests stay on the CPU.
 """
-import collections
+import argparse
 import copy
 import os
-import traceback
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.datasets import BatchStream
-from misc.benchmark import random_split, stage1_workload, stage2_workload, validation_workload
+from misc.benchmark import DispatchCounter, random_split, stage1_workload, stage2_workload, validation_workload
 from models import Discriminator
 from utils.adversarial import discriminator_step, generator_step
 from data.datasets import _channel_constant, normalize
 from utils.cli import stage_parser
 from utils.evaluate import classifier_step
 from utils.matching import gradient_penalty
-from utils.runtime import (FastPath, autocast, cpu_fp16_supported, load_optimizer_state, make_scaler,
-                           resolve_amp, scale_value)
+from utils.errors import UserError
+from utils.runtime import (FastPath, autocast, concrete_device, cpu_fp16_supported, load_optimizer_state,
+                           make_scaler, resolve_amp, same_device, scale_value, select_device, setup_backend)
 
 CPU = torch.device('cpu')
 DEVICE = torch.device(os.environ.get('DIM_TEST_DEVICE', 'cpu'))
@@ -60,10 +59,11 @@ def exact_gpu():
     if DEVICE.type != 'cuda':
         yield
         return
-    from utils.runtime import setup_backend
-    setup_backend(DEVICE, deterministic=True)
+    from utils.runtime import allow_tf32, default_tf32
+    setup_backend(DEVICE)
+    allow_tf32(False)
     yield
-    setup_backend(DEVICE, deterministic=False)
+    default_tf32()
 
 
 @pytest.fixture
@@ -195,34 +195,17 @@ def test_cuda_graphs_match_eager(model, well_conditioned):
 # ---------------------------------------------------------------------------------------------------
 # no host round trips on the hot path
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values by the host (.item(), int(), bool()) and tensors made from Python
-    data (an H2D copy that waits for the GPU, on CUDA), by the repository line that caused them."""
-
-    WATCH = ('_local_scalar_dense', 'lift_fresh', 'lift_fresh_copy')
-
-    def __init__(self):
-        super().__init__()
-        self.sites = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.WATCH:
-            ours = [f for f in traceback.extract_stack()[:-1] if '/site-packages/' not in f.filename
-                    and not f.filename.endswith('test_fastpath.py')]
-            self.sites[(name, ours[-1].name if ours else '?')] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('loop', list(WORKLOADS))
-def test_no_host_reads_in_an_iteration(loop):
-    work = WORKLOADS[loop](FAST['channels_last+fused'])
+@pytest.mark.parametrize('fast', [PLAIN, FAST['channels_last+fused']], ids=['plain', 'fast'])
+def test_no_host_reads_in_an_iteration(loop, fast):
+    work = WORKLOADS[loop](fast)
     work.step()
-    with HostReads() as reads:
+    with DispatchCounter() as counter:
         work.step()
     # F.one_hot checks its labels with .item() on the CPU only (on CUDA a device assert does it)
     allowed = {('_local_scalar_dense', 'conditional_noise')}
-    assert set(reads.sites) <= allowed, dict(reads.sites)
+    assert set(counter.host_reads) <= allowed, dict(counter.host_reads)
+    assert counter.ops > 100
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,23 +328,45 @@ def test_fp16_generator_and_classifier_steps_with_scaler():
             assert float(loss_c) == pytest.approx(ref_c, rel=1e-2)
 
 
-def test_amp_and_fast_flags_resolve():
+def test_defaults_are_the_plain_fp32_path_on_every_device():
+    """The official command on CUDA computes what the official code computes: fp32, contiguous tensors,
+    torch's default optimizer kernels, no compile (a first GPU run found bf16 + channels-last + fused
+    on by default there)."""
     cuda = torch.device('cuda')  # only resolved, never used
-    assert resolve_amp('auto', cuda) == 'bf16' and resolve_amp('auto', CPU) == 'off'
+    args = stage_parser('x', 8, 1, 1e-4).parse_args([])
+    assert (args.amp, args.channels_last, args.compile, args.optim_impl, args.cudnn_benchmark) == \
+        ('off', 'off', 'off', 'default', False)
+    for device in (CPU, cuda):
+        fast = FastPath.from_args(args, device)
+        assert fast == FastPath.plain(device)
+        assert (fast.amp, fast.channels_last, fast.compile, fast.optim_impl) == ('off', False, 'off', 'default')
+        assert fast.optimizer_kwargs(torch.optim.Adam) == {}  # torch's own choice, as the official code
+    # runs saved when 'auto' was the default resolve to the plain path too
+    legacy = argparse.Namespace(amp='auto', channels_last='auto', compile='off', optim_impl='auto')
+    assert FastPath.from_args(legacy, cuda) == FastPath.plain(cuda)
+
+
+def test_switches_resolve_as_asked():
+    cuda = torch.device('cuda')
+    assert resolve_amp('bf16', cuda) == 'bf16' and resolve_amp('off', cuda) == 'off'
     if cpu_fp16_supported():
         assert resolve_amp('fp16', CPU) == 'fp16'
-    args = stage_parser('x', 8, 1, 1e-4).parse_args([])
-    assert (args.channels_last, args.compile, args.optim_impl) == ('auto', 'off', 'auto')
-    cpu_fast = FastPath.from_args(args, CPU)
-    assert (cpu_fast.amp, cpu_fast.channels_last, cpu_fast.compile, cpu_fast.optim_impl) == ('off', False, 'off', 'foreach')
-    gpu_fast = FastPath.from_args(args, cuda)
-    assert (gpu_fast.amp, gpu_fast.channels_last, gpu_fast.optim_impl) == ('bf16', True, 'fused')
-    args = stage_parser('x', 8, 1, 1e-4).parse_args(['--compile', '--channels-last', 'off', '--optim-impl', 'for-loop'])
+    args = stage_parser('x', 8, 1, 1e-4).parse_args(['--compile', '--channels-last', 'on', '--optim-impl', 'for-loop',
+                                                     '--amp', 'bf16'])
     f = FastPath.from_args(args, cuda)
-    assert (f.compile, f.channels_last, f.optim_impl) == ('default', False, 'for-loop')
+    assert (f.amp, f.compile, f.channels_last, f.optim_impl) == ('bf16', 'default', True, 'for-loop')
     assert f.optimizer_kwargs(torch.optim.Adam) == {'foreach': False}
     assert FastPath(cuda, optim_impl='fused').optimizer_kwargs(torch.optim.SGD) == {'fused': True}
     assert FastPath(CPU, optim_impl='foreach').optimizer_kwargs(torch.optim.SGD) == {'foreach': True}
+    with pytest.raises(UserError, match='--cudnn-benchmark'):
+        setup_backend(CPU, deterministic=True, benchmark=True)
+
+
+def test_devices_compare_by_what_they_are():
+    assert same_device('cuda', torch.device('cuda', 0)) and same_device(torch.device('cuda'), 'cuda:0')
+    assert not same_device('cuda:1', 'cuda') and not same_device('cpu', 'cuda')
+    assert concrete_device('cuda') == torch.device('cuda', 0) and concrete_device('cpu') == CPU
+    assert select_device('cpu') == CPU
 
 
 # ---------------------------------------------------------------------------------------------------

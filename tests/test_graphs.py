@@ -119,3 +119,21 @@ def test_capture_problems(change, words):
 ])
 def test_augmentations_that_draw_on_the_host(strategy, mixup, host):
     assert make_augment(strategy, mixup, batch=False).draws_on_host == host
+
+
+@pytest.mark.parametrize('device, data_device', [
+    (torch.device('cuda'), torch.device('cuda', 0)),   # --device cuda against a tensor's device
+    (torch.device('cuda', 0), torch.device('cuda')),
+    (torch.device('cuda', 0), torch.device('cuda', 0)),
+    ('cuda', 'cuda:0'),
+])
+def test_cuda_and_cuda_0_are_one_device(device, data_device):
+    """The first GPU run refused --cuda-graphs with 'needs the training set on the GPU' for a data set on
+    the GPU: torch.device('cuda') != torch.device('cuda', 0). Built without a GPU: only compared."""
+    assert capture_problem(torch.device(device), **{**GOOD, 'data_device': torch.device(data_device)}) is None
+
+
+def test_other_gpu_or_host_is_another_device():
+    assert 'training set on the GPU' in capture_problem(CUDA, **{**GOOD, 'data_device': torch.device('cuda', 1)})
+    assert 'training set on the GPU' in capture_problem(torch.device('cuda', 1), **{**GOOD, 'data_device': CUDA})
+    assert 'training set on the GPU' in capture_problem(CUDA, **{**GOOD, 'data_device': CPU})

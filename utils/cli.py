@@ -104,7 +104,9 @@ def stage_parser(description, batch_size, epochs, lr, matching=False):
     g.add_argument('--logs-dir', default='./logs/', help='logs.txt, args.json and tensorboard events go to <logs-dir>/<tag>/')
     g.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
                    help='auto: CUDA when torch sees a GPU (CUDA_VISIBLE_DEVICES decides which), else CPU')
-    g.add_argument('--deterministic', action='store_true', help='reproducible kernels (slower on GPU)')
+    g.add_argument('--deterministic', action='store_true',
+                   help='bit-reproducible runs and resumes: refuses --cudnn-benchmark, and a resume takes the '
+                        "run's CPU thread count")
     add_fastpath_flags(g)
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
@@ -136,17 +138,24 @@ def add_match_flags(p, acting):
 
 
 def add_fastpath_flags(g):
-    """How the work runs, not what it computes (utils/runtime.FastPath); the stages' and
-    misc/benchmark.py's."""
+    """How the work runs (utils/runtime.FastPath); the stages' and misc/benchmark.py's. Every switch is
+    off by default on every device: the default is the official code's fp32 path. docs/PERFORMANCE.md
+    gives each switch's measured speed and how far it moves the numbers."""
     from utils.runtime import AMP_CHOICES, COMPILE_MODES, OPTIM_IMPLS, SWITCH
-    g.add_argument('--amp', default='auto', choices=AMP_CHOICES,
-                   help='mixed precision (auto: bf16 on CUDA, off on CPU)')
-    g.add_argument('--channels-last', default='auto', choices=SWITCH,
-                   help='conv weights and activations in NHWC (auto: on for CUDA, off on CPU)')
+    g.add_argument('--amp', default='off', choices=AMP_CHOICES,
+                   help='mixed precision of the forward passes. off: fp32, as the official code. bf16 / fp16 '
+                        'change the numbers (bf16 moved stage-1 losses by 17-25%% on an H200 after the same steps)')
+    g.add_argument('--channels-last', default='off', choices=SWITCH,
+                   help='conv weights and activations in NHWC (same arithmetic, other kernels)')
     g.add_argument('--compile', nargs='?', const='default', default='off', choices=COMPILE_MODES,
-                   help='torch.compile G, D and the classifiers (bare --compile: default mode)')
-    g.add_argument('--optim-impl', default='auto', choices=OPTIM_IMPLS,
-                   help='optimizer kernels (auto: fused on CUDA, foreach on CPU)')
+                   help='torch.compile G, D and the classifiers (bare --compile: default mode; fused kernels '
+                        'round differently)')
+    g.add_argument('--optim-impl', default='default', choices=OPTIM_IMPLS,
+                   help="optimizer kernels. default: torch's own choice, as the official code (foreach on CUDA, "
+                        "a per-parameter loop on the CPU); fused / foreach / for-loop compute the same update")
+    g.add_argument('--cudnn-benchmark', action='store_true',
+                   help="let cuDNN time and pick its fastest algorithms (default: the official code's "
+                        "deterministic cuDNN; same fp32 arithmetic, other summation orders, not reproducible)")
     g.add_argument('--gp-amp', action='store_true',
                    help='run the gradient penalty under --amp too (default: fp32, the reference\'s '
                         'precision; bf16 moves the penalty by a few percent)')

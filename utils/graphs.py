@@ -13,6 +13,7 @@ returns nothing. `capture_problem` lists what would break that, and the stage re
 import torch
 
 from utils.errors import UserError
+from utils.runtime import same_device
 
 
 class GraphedStep:
@@ -77,7 +78,7 @@ def capture_problem(device, *, amp, compile_mode, distributed, data_device, host
         return "--cuda-graphs and --compile both change how the pool steps run: choose one"
     if distributed:
         return "--cuda-graphs is not supported under torchrun (the pool steps' gradient all-reduce)"
-    if data_device != device:
+    if not same_device(data_device, device):
         return ("--cuda-graphs needs the training set on the GPU (it did not fit, so it is batched from "
                 "host memory); run without --cuda-graphs")
     if host_random_augment:

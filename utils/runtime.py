@@ -1,10 +1,15 @@
 """Device, precision, seeding and random-number-generator state, and the fast path: what every stage
 sets up the same way.
 
-The fast path (`FastPath`) changes how the work runs, never what is computed: the memory format of
-conv weights (channels-last), the optimizer kernels (fused / foreach / per-parameter loop),
-torch.compile of the modules, and loss scaling for fp16. Each stage builds one from its flags
+The fast path (`FastPath`) changes how the work runs: the memory format of conv weights
+(channels-last), the optimizer kernels (fused / foreach / per-parameter loop), torch.compile of the
+modules, mixed precision and loss scaling for fp16. Each stage builds one from its flags
 (`FastPath.from_args`) and asks it for modules, optimizers, scalers and compiled callables.
+
+Every switch is off by default, on every device: the default is the plain fp32 path the official code
+computes (its cuDNN settings, torch's default optimizer kernels, contiguous tensors, no compile). A
+switch becomes a default only once a test shows it computes the same and a GPU measurement shows it
+faster (docs/PERFORMANCE.md has the measurements and what each switch changes in the numerics).
 """
 import contextlib
 import functools
@@ -18,22 +23,38 @@ import torch
 
 from utils.errors import UserError
 
-AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
+AMP_CHOICES = ('off', 'bf16', 'fp16')
 # torch.compile modes offered: no CUDA-graph mode ('reduce-overhead') -- the step functions keep tensors
 # across calls in ways CUDA-graph trees do not promise to support, and it is not verified here
 COMPILE_MODES = ('off', 'default', 'max-autotune-no-cudagraphs')
-OPTIM_IMPLS = ('auto', 'fused', 'foreach', 'for-loop')
-SWITCH = ('auto', 'on', 'off')
+# 'default': torch's own choice (foreach on CUDA, a per-parameter loop on the CPU), as the official code
+OPTIM_IMPLS = ('default', 'fused', 'foreach', 'for-loop')
+SWITCH = ('off', 'on')
 
 
 def select_device(name='auto'):
-    """'auto' takes CUDA when present (CUDA_VISIBLE_DEVICES decides which GPU), else the CPU."""
+    """'auto' takes CUDA when present (CUDA_VISIBLE_DEVICES decides which GPU), else the CPU. A CUDA
+    device comes back with its index (cuda:0, not cuda), so it compares equal to its tensors' device."""
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda' and not torch.cuda.is_available():
+    if torch.device(name).type == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device "
                         "(check CUDA_VISIBLE_DEVICES and that the CUDA build of torch is installed)")
-    return torch.device(name)
+    return concrete_device(name)
+
+
+def concrete_device(device):
+    """`device` with its index filled in. torch.device('cuda') means "the current GPU" and has no index,
+    while every CUDA tensor reports cuda:N, and torch compares the two as different devices."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def same_device(a, b):
+    """Whether two device names or objects are the same device ('cuda' and 'cuda:0' are, on one GPU)."""
+    return concrete_device(a) == concrete_device(b)
 
 
 def hardware(device):
@@ -53,16 +74,24 @@ def hardware(device):
     return f"{model}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
-def setup_backend(device, deterministic):
-    """cuDNN autotuning (and TF32 for float32 convs and matmuls) is faster; --deterministic trades it
-    for run-to-run identical results."""
+def setup_backend(device, deterministic=False, benchmark=False):
+    """cuDNN as the official code sets it: deterministic algorithms, no autotuning, and torch's default
+    TF32 behaviour left alone (convolutions may use TF32, matrix products are full fp32), which is the
+    precision the official runs had. `benchmark` (--cudnn-benchmark) lets cuDNN time and pick the
+    fastest algorithms instead: the same fp32 arithmetic, other summation orders, not reproducible
+    run to run. `deterministic` refuses that."""
+    if benchmark and deterministic:
+        raise UserError("--cudnn-benchmark picks algorithms by timing them, which is not reproducible: "
+                        "drop it or --deterministic")
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-        _allow_tf32(not deterministic)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = not benchmark
 
 
-def _allow_tf32(on):
+def allow_tf32(on):
+    """TF32 for float32 convolutions and matrix products (on), or full fp32 for both (off). Not a flag:
+    the GPU tests switch it off to compare two paths at fp32 rounding, and the benchmark restores
+    torch's defaults with `default_tf32`."""
     # torch >= 2.9 spells it fp32_precision ('tf32' / 'ieee'); allow_tf32 is the older spelling, which
     # newer releases plan to retire. Mixing the two spellings is refused by some versions: use one.
     matmul, cudnn_conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, 'conv', None)
@@ -73,6 +102,16 @@ def _allow_tf32(on):
     else:
         matmul.allow_tf32 = on
         torch.backends.cudnn.allow_tf32 = on
+
+
+def default_tf32():
+    """torch's defaults, which the official runs had: TF32 convolutions, full-fp32 matrix products."""
+    allow_tf32(False)
+    conv = getattr(torch.backends.cudnn, 'conv', None)
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision') and hasattr(conv, 'fp32_precision'):
+        conv.fp32_precision = 'tf32'
+    else:
+        torch.backends.cudnn.allow_tf32 = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,10 +128,13 @@ def cpu_fp16_supported():
 
 
 def resolve_amp(amp, device):
-    """'auto' is bf16 on CUDA and off on the CPU (where bf16 is slower and only adds noise).
-    fp16 on the CPU is allowed where torch supports it (slow: meant for testing the fp16 path)."""
-    if amp == 'auto':
-        return 'bf16' if device.type == 'cuda' else 'off'
+    """--amp as given: 'off' (fp32, the default everywhere), 'bf16' or 'fp16'; runs saved before fp32
+    became the default may say 'auto', which now means fp32 too. fp16 on the CPU is allowed where torch
+    supports it (slow: meant for testing the fp16 path)."""
+    if amp in (None, 'auto'):
+        return 'off'
+    if amp not in AMP_CHOICES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == 'fp16' and device.type != 'cuda' and not (device.type == 'cpu' and cpu_fp16_supported()):
         raise UserError(f"--amp fp16 is not supported on {device.type} by torch {torch.__version__}; "
                         "use --amp bf16 or off")
@@ -138,13 +180,15 @@ def backward_step(loss, opt, scaler):
 # ---------------------------------------------------------------------------------------------------
 # the fast path
 
-def resolve_switch(value, device, flag):
-    """'auto' means on for CUDA and off elsewhere; also accepts booleans."""
+def resolve_switch(value, flag):
+    """'on' / 'off' (or a boolean); 'auto' from runs saved before every switch defaulted to off is off."""
     if isinstance(value, bool):
         return value
+    if value in (None, 'auto'):
+        return False
     if value not in SWITCH:
         raise UserError(f"{flag} must be one of {', '.join(SWITCH)}, got {value!r}")
-    return device.type == 'cuda' if value == 'auto' else value == 'on'
+    return value == 'on'
 
 
 def _has_kwarg(cls, name):
@@ -154,13 +198,14 @@ def _has_kwarg(cls, name):
         return False
 
 
-def resolve_optim_impl(impl, device):
-    """'auto': fused kernels on CUDA (one launch for all parameters, and no host sync under fp16 loss
-    scaling), foreach (a few multi-tensor launches) elsewhere."""
+def resolve_optim_impl(impl):
+    """'default' (torch's choice, as the official code), 'fused' (one launch for all parameters, and no
+    host sync under fp16 loss scaling), 'foreach' (a few multi-tensor launches) or 'for-loop'; 'auto'
+    from older runs is 'default'."""
+    if impl in (None, 'auto'):
+        return 'default'
     if impl not in OPTIM_IMPLS:
         raise UserError(f"--optim-impl must be one of {', '.join(OPTIM_IMPLS)}, got {impl!r}")
-    if impl == 'auto':
-        return 'fused' if device.type == 'cuda' else 'foreach'
     return impl
 
 
@@ -176,7 +221,7 @@ class FastPath:
     amp: str = 'off'               # resolved: bf16 / fp16 / off
     channels_last: bool = False    # conv weights (and so conv activations) in NHWC
     compile: str = 'off'           # torch.compile mode, or 'off'
-    optim_impl: str = 'for-loop'   # fused / foreach / for-loop
+    optim_impl: str = 'default'    # default (torch's choice) / fused / foreach / for-loop
     gp_amp: bool = False           # the gradient penalty under `amp` too (else fp32, as the reference)
     compile_backend: str = 'inductor'
 
@@ -187,18 +232,17 @@ class FastPath:
         compile_mode = getattr(args, 'compile', 'off') or 'off'
         if compile_mode not in COMPILE_MODES:
             raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
-        fields = dict(amp=resolve_amp(getattr(args, 'amp', 'auto'), device),
-                      channels_last=resolve_switch(getattr(args, 'channels_last', 'auto'), device,
-                                                   '--channels-last'),
+        fields = dict(amp=resolve_amp(getattr(args, 'amp', 'off'), device),
+                      channels_last=resolve_switch(getattr(args, 'channels_last', 'off'), '--channels-last'),
                       compile=compile_mode,
-                      optim_impl=resolve_optim_impl(getattr(args, 'optim_impl', 'auto'), device),
+                      optim_impl=resolve_optim_impl(getattr(args, 'optim_impl', 'default')),
                       gp_amp=bool(getattr(args, 'gp_amp', False)))
         fields.update(overrides)
         return cls(device, **fields)
 
     @classmethod
     def plain(cls, device, amp='off'):
-        """The reference's way: contiguous tensors, a per-parameter optimizer loop, no compilation."""
+        """The reference's way: contiguous tensors, torch's default optimizer kernels, no compilation."""
         return cls(device, amp=amp)
 
     def describe(self):
@@ -234,6 +278,8 @@ class FastPath:
             return {'fused': True}
         if self.optim_impl == 'for-loop':
             return {'foreach': False}
+        if self.optim_impl == 'default':
+            return {}
         return {'foreach': True}
 
 

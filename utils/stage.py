@@ -26,7 +26,7 @@ SCALAR_TAGS = {'loss_g': 'Loss/G', 'loss_d': 'Loss/D', 'loss_match': 'Loss/match
 # run continues as it started (giving one with another value than the run's is refused).
 RUN_CONTROL_FLAGS = ('resume', 'device', 'amp', 'no_progress', 'num_workers', 'save_every', 'epochs',
                      'print_freq', 'data_dir', 'tag', 'output_dir', 'logs_dir',
-                     'channels_last', 'compile', 'optim_impl', 'cuda_graphs')
+                     'channels_last', 'compile', 'optim_impl', 'cudnn_benchmark', 'cuda_graphs')
 
 
 def open_resume(args, stage):
@@ -70,7 +70,7 @@ class GanRun:
         args.test_bn = args.test_bn or default_test_bn('onthefly')  # the stages validate on the fly
         self.device = select_device(args.device)
         self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
-        setup_backend(self.device, args.deterministic)
+        setup_backend(self.device, args.deterministic, getattr(args, 'cudnn_benchmark', False))
         threads_note = self._match_threads(ckpt) if self.resumed_from else ''
         args.amp = resolve_amp(args.amp, self.device)
         self.ctx = autocast(args.amp, self.device)
