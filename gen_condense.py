@@ -6,13 +6,30 @@ Every epoch writes results/<tag>/outputs/img_<epoch>.png; every --eval-interval 
 results/<tag>/model_dict_<epoch>.pth and validates the generator (classifiers trained on its images).
 Epochs are numbered from 0 in file names, as the official code names them: with the defaults the
 files are model_dict_9.pth, model_dict_19.pth, ..., model_dict_149.pth and img_0.png ... img_149.png.
+
+The GAN's two updates are here, in the order an iteration runs them (generator step, then critic step);
+stage 2 (pool_match.py) reuses them. Losses stay device tensors (no .item()), so nothing waits on the
+GPU inside the loop.
+
+Precision: the default is fp32, as the official code. The gradient penalty runs in fp32 even under --amp
+(in a CPU check at width 196, bf16 moved the penalty by 4% and its weight gradients by 6% against
+float64; fp16 by 2% and 3%; fp32 by 1e-4 and 4e-4); --gp-amp runs it under autocast too. Under fp16 the
+penalty's input gradient is taken of the scaled critic output and unscaled afterwards, so small
+gradients do not flush to zero; a step the scaler skips for an overflow reports its penalty as 0 and is
+counted in skipped_d / skipped_g, not taken for divergence.
 """
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
 from data.datasets import to_gan_range
+from models import generate
 from utils import distributed
-from utils.adversarial import discriminator_step, generator_step
+from utils.augment import gradient_penalty, upcast
 from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, check_flags, run, stage_parser
-from utils.stage import GanRun
+from utils.run import GanRun
 
 
 def get_parser():
@@ -29,6 +46,96 @@ def train_iteration(nets, images, labels, ctx, gp_amp=False):
     metrics.update(discriminator_step(nets.G_train, nets.D_train, nets.opt_d, real, labels, ctx, nets.scaler_d,
                                       gp_amp=gp_amp))
     return metrics
+
+
+def generator_loss(G, D, labels, ctx):
+    """(fake, loss): fake = G(z) with z conditioned on `labels`, and the generator's GAN loss
+    -mean(critic(fake)) + CE(classes(fake), labels). Run it inside `critic_frozen(D)`."""
+    with ctx:
+        fake = generate(G, labels)
+        critic, logits = D(fake)
+        loss = -upcast(critic).mean() + F.cross_entropy(upcast(logits), labels)
+    return fake, loss
+
+
+def generator_step(G, D, opt_g, labels, ctx, scaler):
+    """Stage 1's generator update: generator_loss, backward, Adam step."""
+    with critic_frozen(D):
+        _, loss = generator_loss(G, D, labels, ctx)
+        skipped = optimizer_step(loss, opt_g, scaler)
+    metrics = {'loss_g': loss.detach()}
+    if skipped is not None:  # fp16 loss scaling
+        metrics['skipped_g'] = skipped
+    return metrics
+
+
+def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False, gp_weight=10.0):
+    """loss_D = mean(critic(fake)) - mean(critic(real)) + CE(fake) + CE(real) + GP, fake labels uniform.
+
+    G stays in train mode while it draws the fakes (without gradient), as in the reference, so its
+    BatchNorm running statistics keep updating here too.
+    """
+    fake_labels = torch.randint(G.num_classes, real_labels.shape, device=real_labels.device)
+    with torch.no_grad(), ctx:
+        fake = generate(G, fake_labels)
+    with ctx:
+        # one pass over real and fake together: the critic has only per-sample (layer) norms
+        critic, logits = D(torch.cat([real, fake.to(real.dtype)]))
+        critic, logits = upcast(critic), upcast(logits)
+        n = len(real)
+        adv = critic[n:].mean() - critic[:n].mean()
+        ce = F.cross_entropy(logits[n:], fake_labels) + F.cross_entropy(logits[:n], real_labels)
+    # the penalty differentiates the critic's input gradient (double backward), which compiled graphs
+    # refuse: it runs the module behind a torch.compile wrapper (--compile), the same parameters
+    gp_critic = getattr(D, '_orig_mod', D)
+    grad_scale = scaler.scale(torch.ones((), device=real.device)) if scaler.is_enabled() and gp_amp else None
+    with ctx if gp_amp else torch.autocast(real.device.type, enabled=False):
+        gp = gradient_penalty(lambda x: upcast(gp_critic(x)[0]), real, fake.to(real.dtype),
+                              weight=gp_weight, grad_scale=grad_scale)
+    loss = adv + ce + gp
+    skipped = optimizer_step(loss, opt_d, scaler)
+    out = {'loss_d': loss.detach(), 'wasserstein': -adv.detach(), 'gp': gp.detach(),
+           'acc_real': (logits[:n].argmax(1) == real_labels).float().mean().detach()}
+    if skipped is not None:  # fp16 loss scaling
+        out['skipped_d'] = skipped
+    if grad_scale is not None:
+        # an overflow of the scaled penalty gradient: the scaler skipped this step (see module doc)
+        shown = torch.where(torch.isfinite(out['gp']), out['gp'], torch.zeros_like(out['gp']))
+        out['loss_d'] = (adv + ce).detach() + shown
+        out['gp'] = shown
+    return out
+
+
+@contextmanager
+def critic_frozen(D):
+    """The generator's update: its gradients flow through D, D's own are not needed (and D is in eval
+    mode, which only mirrors the reference: the critic has no BatchNorm)."""
+    D.eval()
+    for p in D.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in D.parameters():
+            p.requires_grad_(True)
+        D.train()
+
+
+def optimizer_step(loss, opt, scaler):
+    """Zero the gradients, backward, step. Under fp16 (`scaler` enabled) through the loss scaler, and
+    returns whether it skipped the step for an overflow (1.0) as a device tensor, read without a host
+    sync (get_scale() would call .item()): the scale only goes down when it skipped. Else None."""
+    opt.zero_grad(set_to_none=True)
+    if not scaler.is_enabled():
+        loss.backward()
+        opt.step()
+        return None
+    one = torch.ones((), device=loss.device)
+    before = scaler.scale(one)
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # a fused optimizer takes the overflow flag on the device; others read it (.item())
+    scaler.update()
+    return (scaler.scale(one) < before).float()
 
 
 def train(r):

@@ -12,19 +12,18 @@ import random
 import torch
 
 from data.datasets import normalize, to_gan_range
+from gen_condense import critic_frozen, discriminator_step, generator_loss, optimizer_step
 from models import list_models
 from utils import distributed
-from utils.adversarial import critic_frozen, discriminator_step, generator_loss, optimizer_step
-from utils.augment import make_augment
+from utils.augment import MATCH_LOSSES, make_augment
 from utils.checkpoint import LAST
 from utils.cli import (add_cuda_graphs_flag, add_match_flags, add_resume_flags, check_flags as check_stage_flags,
                        run, stage_parser)
 from utils.errors import UserError
 from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
 from utils.graphs import GraphedStep, capture_problem
-from utils.matching import MATCH_LOSSES
 from utils.runtime import eager, load_optimizer_state
-from utils.stage import GanRun
+from utils.run import GanRun
 
 POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
 

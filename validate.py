@@ -20,7 +20,7 @@ from utils.cli import add_match_flags, check_flags as check_stage_flags, check_p
 from utils.errors import UserError
 from utils.evaluate import default_test_bn, iterations_per_epoch
 from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
-from utils.runlog import RunLog
+from utils.run import RunLog
 from utils.runtime import autocast, resolve_amp, seed_everything, select_device, setup_backend
 
 REPORT = 'eval.json'

@@ -55,7 +55,7 @@ import pool_match  # noqa: E402
 import validate  # noqa: E402
 from data.datasets import DATASETS, BatchStream, Split  # noqa: E402
 from models import Generator  # noqa: E402
-from utils.adversarial import build_gan  # noqa: E402
+from utils.run import build_gan  # noqa: E402
 from utils.augment import make_augment  # noqa: E402
 from utils.cli import OneLineParser, add_cuda_graphs_flag, add_fastpath_flags, run  # noqa: E402
 from utils.evaluate import (build_classifier, classifier_optimizer, classifier_step, generated_batch,  # noqa: E402

@@ -1,7 +1,7 @@
 """Model registry: `create_model(name, num_classes, channels, img_size, stem)`."""
 # import the submodules (not their factories) so `models.convnet` stays the module
 from . import convnet, densenet, resnet
-from .gan import Discriminator, Generator, conditional_noise
+from .gan import Discriminator, Generator, conditional_noise, generate
 
 # name -> factory(num_classes, channels, img_size, stem='cifar')
 _MODELS = {
@@ -30,4 +30,4 @@ def create_model(name, num_classes, channels, img_size, stem='cifar'):
     return _MODELS[name](num_classes=num_classes, channels=channels, img_size=img_size, stem=stem)
 
 
-__all__ = ['create_model', 'list_models', 'Generator', 'Discriminator', 'conditional_noise']
+__all__ = ['create_model', 'list_models', 'Generator', 'Discriminator', 'conditional_noise', 'generate']

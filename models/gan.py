@@ -21,6 +21,11 @@ def conditional_noise(labels, num_classes, dim_noise):
     return z
 
 
+def generate(G, labels):
+    """Images of the given classes: N(0, I) noise whose first entries are the one-hot class."""
+    return G(conditional_noise(labels, G.num_classes, G.dim_noise))
+
+
 def _conv_bn_relu(width):
     return [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
 

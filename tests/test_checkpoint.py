@@ -15,7 +15,7 @@ from utils.checkpoint import (check_compatible, check_resumable, gan_configs, is
                               load_state, save_checkpoint)
 from utils.errors import UserError
 from utils.runtime import load_optimizer_state
-from utils.adversarial import adam
+from utils.run import adam
 
 DIGITS = DATASETS['digits']
 

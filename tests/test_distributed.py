@@ -32,10 +32,11 @@ import torch.nn as nn
 
 from data.datasets import BatchStream, Split
 from models import Discriminator, Generator
-from utils import adversarial, distributed
+import gen_condense
+from utils import distributed
 from utils.errors import Interrupted, UserError
-from utils.matching import gradient_penalty
-from utils.adversarial import build_gan
+from utils.augment import gradient_penalty
+from utils.run import build_gan
 from utils.runtime import FastPath, make_scaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,10 +131,10 @@ def _one_iteration(G, D, real, labels, fake_labels, alpha):
     """generator step, then discriminator step with fixed fake labels and penalty mixes."""
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    adversarial.generator_step(G, D, opt_g, labels, contextlib.nullcontext(), make_scaler('off', CPU))
+    gen_condense.generator_step(G, D, opt_g, labels, contextlib.nullcontext(), make_scaler('off', CPU))
     with mock.patch.object(torch, 'randint', lambda *a, **k: fake_labels.clone()), \
-            mock.patch.object(adversarial, 'gradient_penalty', functools.partial(gradient_penalty, alpha=alpha)):
-        adversarial.discriminator_step(G, D, opt_d, real, labels, contextlib.nullcontext(), make_scaler('off', CPU))
+            mock.patch.object(gen_condense, 'gradient_penalty', functools.partial(gradient_penalty, alpha=alpha)):
+        gen_condense.discriminator_step(G, D, opt_d, real, labels, contextlib.nullcontext(), make_scaler('off', CPU))
 
 
 def _worker(rank, init_file):

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from data.datasets import BatchStream
 from misc.benchmark import DispatchCounter, random_split, stage1_workload, stage2_workload, validation_workload
 from models import Discriminator
-from utils.adversarial import discriminator_step, generator_step
+from gen_condense import discriminator_step, generator_step
 from data.datasets import _channel_constant, normalize
 from utils.cli import stage_parser
 from utils.evaluate import classifier_step
-from utils.matching import gradient_penalty
+from utils.augment import gradient_penalty
 from utils.errors import UserError
 from utils.runtime import (FastPath, autocast, concrete_device, cpu_fp16_supported, load_optimizer_state,
                            make_scaler, resolve_amp, same_device, scale_value, select_device, setup_backend)
@@ -259,7 +259,7 @@ def test_discriminator_step_double_backward_under_amp(amp, gp_amp):
     assert moved > 0 and moved == pytest.approx(moved_ref, rel=0.2)  # Adam's first step: ~lr per weight
     # Loose: the fakes come from a half-precision generator, and this width-8 critic's input gradient
     # jumps wherever a LeakyReLU input changes sign, so its penalty moved by up to 13% here. The
-    # precision of the penalty itself is checked at width 196 in the notes of utils/adversarial.py and
+    # precision of the penalty itself is checked at width 196 in the notes of gen_condense.py and
     # by the fp16 scaling test below.
     for k in ('loss_d', 'gp'):
         assert out[k] == pytest.approx(ref[k], rel=0.25), k

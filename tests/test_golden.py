@@ -20,7 +20,7 @@ import torch
 
 from gen_condense import train_iteration
 from models import Discriminator, Generator
-from utils.adversarial import build_gan
+from utils.run import build_gan
 from utils.runtime import FastPath
 
 from helpers import ROOT

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.augment import DiffAug
-from utils.matching import (GRAD_WEIGHT, METRICS, MATCH_LOSSES, dist, feature_match_loss, gradient_match_loss,
+from utils.augment import (GRAD_WEIGHT, METRICS, MATCH_LOSSES, dist, feature_match_loss, gradient_match_loss,
                             gradient_penalty, logit_match_loss)
 
 

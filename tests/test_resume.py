@@ -23,7 +23,7 @@ import utils.evaluate as evaluate
 from conftest import make_imagefolder
 from utils.checkpoint import LAST, TMP_PREFIX, load_checkpoint, save_checkpoint
 from utils.errors import UserError
-from utils.stage import GanRun
+from utils.run import GanRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS_PER_EPOCH = 6  # 24 training images / batch 4
@@ -219,7 +219,7 @@ def test_resume_keeps_the_runs_flags(workdir, monkeypatch, capsys):
 def test_second_signal_stops_at_once(workdir, monkeypatch, capsys):
     """A second SIGTERM while the first one's checkpoint is being written: stop at once, exit 143,
     one line; last.pth stays the previous complete one and no partial file is left."""
-    import utils.stage as stage
+    import utils.run as stage
     flags = stage1_flags(workdir / 'imgs') + ['--save-every', '2', '--tag', 'twice']
     stop = Stopper(monkeypatch)
     stop.arm('iteration', 3, signal.SIGTERM)
