@@ -18,15 +18,19 @@ penalty's input gradient is taken of the scaled critic output and unscaled after
 gradients do not flush to zero; a step the scaler skips for an overflow reports its penalty as 0 and is
 counted in skipped_d / skipped_g, not taken for divergence.
 """
+from __future__ import annotations
+
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from data.datasets import to_gan_range
 from models import generate
 from utils import distributed
-from utils.augment import gradient_penalty, upcast
+from utils.augment import upcast
 from utils.checkpoint import LAST
 from utils.cli import add_resume_flags, check_flags, run, stage_parser
 from utils.run import GanRun
@@ -104,6 +108,36 @@ def discriminator_step(G, D, opt_d, real, real_labels, ctx, scaler, gp_amp=False
         out['loss_d'] = (adv + ce).detach() + shown
         out['gp'] = shown
     return out
+
+
+def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor,
+                     weight: float = 10.0, alpha: Tensor | None = None,
+                     grad_scale: Tensor | None = None) -> Tensor:
+    """WGAN-GP: ``weight * mean((||d critic(x_hat) / d x_hat||_2 - 1)^2)``.
+
+    ``x_hat = a * real + (1 - a) * fake`` with ``a ~ U(0, 1)`` per sample (or the
+    given ``alpha`` of shape [B]). The penalty constrains the critic only, so the
+    interpolates are a fresh leaf (no gradient to the generator); the graph of
+    the input gradient is kept so the penalty can be backpropagated into the
+    critic's weights (double backward).
+
+    ``grad_scale`` (fp16 loss scaling): the input gradient is taken of the
+    critic output times this scale and divided by it again, so it does not
+    underflow in half precision; the penalty's value is unchanged.
+    """
+    B = real.shape[0]
+    if alpha is None:
+        alpha = torch.rand(B, device=real.device)
+    a = alpha.to(device=real.device, dtype=real.dtype).view(B, *([1] * (real.dim() - 1)))
+    x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    scores = critic(x_hat).sum()
+    if grad_scale is not None:
+        scores = scores * grad_scale
+    grad, = torch.autograd.grad(scores, x_hat, create_graph=True)
+    if grad_scale is not None:
+        grad = upcast(grad) / grad_scale
+    norm = upcast(grad.flatten(1)).norm(2, dim=1)
+    return weight * ((norm - 1) ** 2).mean()
 
 
 @contextmanager

@@ -10,19 +10,20 @@ validated and results/<tag>/model_dict_<eval model>.pth is written when that mod
 import random
 
 import torch
+import torch.nn.functional as F
 
 from data.datasets import normalize, to_gan_range
 from gen_condense import critic_frozen, discriminator_step, generator_loss, optimizer_step
 from models import list_models
 from utils import distributed
-from utils.augment import MATCH_LOSSES, make_augment
+from utils.augment import MATCH_LOSSES, logit_match_loss, make_augment, upcast
 from utils.checkpoint import LAST
 from utils.cli import (add_cuda_graphs_flag, add_match_flags, add_resume_flags, check_flags as check_stage_flags,
                        run, stage_parser)
-from utils.errors import UserError
-from utils.evaluate import build_classifier, classifier_optimizer, classifier_step
+from data.errors import UserError
+from utils.evaluate import build_classifier, classifier_optimizer
 from utils.graphs import GraphedStep, capture_problem
-from utils.runtime import eager, load_optimizer_state
+from utils.runtime import load_optimizer_state
 from utils.run import GanRun
 
 POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
@@ -70,7 +71,9 @@ class Pool:
                                       host_random_augment=self.train_aug.draws_on_host)
             if problem:
                 raise UserError(problem)
-        self.graphed = GraphedStep(self._train_steps) if graphs else None
+        # --epochs-match-train SGD steps on the first batches of a fresh shuffled pass over the real training
+        # set (disjoint batches, as the official code restarts its loader for every generator step)
+        self.train_steps = GraphedStep(self._train_steps) if graphs else self._train_steps
         self.train_ctx = fast.ctx(cache=False) if graphs else ctx
         if saved:
             try:
@@ -86,12 +89,13 @@ class Pool:
 
     def build(self, name):
         self.name = name
-        self.model = build_classifier(name, self.info, self.fast.device, self.fast)
+        self.model = build_classifier(name, self.info, self.fast.device, self.fast)  # in train mode, which it never leaves:
+        # its steps and the match loss use batch statistics, as in the official code
         self.opt = classifier_optimizer(self.model.parameters(), self.args, self.fast, lr=self.args.pool_lr)
         # what the steps call (compiled with --compile, DDP under torchrun); self.model is what is saved
         self.net = distributed.wrap(self.fast.compiled(self.model))
-        if self.graphed is not None:
-            self.graphed.reset()  # the capture holds the previous model's tensors
+        if isinstance(self.train_steps, GraphedStep):
+            self.train_steps.reset()  # the capture holds the previous model's tensors
 
     def state(self):
         return {'pool': {'name': self.name, 'model': self.model.state_dict(), 'optimizer': self.opt.state_dict(),
@@ -103,16 +107,12 @@ class Pool:
         # In float32 whatever --amp made of x: real and generated halves get the same constants.
         return normalize(x.float(), self.info.mean, self.info.std)
 
-    def train_steps(self):
-        """--epochs-match-train SGD steps on the first batches of a fresh shuffled pass over the real
-        training set (disjoint batches, as the official code restarts its loader for every generator step)."""
-        self.model.train()
-        (self.graphed or self._train_steps)()
-
     def _train_steps(self):
         for images, labels in self.train_stream.first_batches(self.args.epochs_match_train):
             x = self.train_aug(self.to_pool_input(to_gan_range(images)))
-            classifier_step(self.net, self.opt, x, labels, self.train_ctx, self.scaler)
+            with self.train_ctx:
+                loss = F.cross_entropy(upcast(self.net(x)), labels)
+            optimizer_step(loss, self.opt, self.scaler)
 
     def match_loss(self, real, fake, labels):
         """The pool model's --match comparison of real and generated images; gradients reach G."""
@@ -120,14 +120,14 @@ class Pool:
             real, fake = self.match_aug(torch.cat([self.to_pool_input(real), self.to_pool_input(fake)])).chunk(2)
         else:  # as the official code: the [-1, 1] images unnormalised, though the pool model trains on normalised ones
             real, fake = real.float(), fake.float()
-        compare = MATCH_LOSSES[self.args.match]
         if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params, fp32
-            return compare(eager(self.model), real, fake, labels, self.args).float()
+            return MATCH_LOSSES['grad'](self.model, real, fake, labels, self.args).float()
         self.model.requires_grad_(False)  # only G needs gradients of the match term
         try:
-            with self.ctx:  # logit: the net the steps call; feat: the module, which has features()
-                return compare(self.net if self.args.match == 'logit' else self.model, real, fake, labels,
-                               self.args).float()
+            with self.ctx:
+                if self.args.match == 'logit':  # the paper's: the net the steps call
+                    return logit_match_loss(self.net, real, fake).float()
+                return MATCH_LOSSES['feat'](self.model, real, fake, labels, self.args).float()  # has features()
         finally:
             self.model.requires_grad_(True)
 

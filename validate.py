@@ -17,7 +17,7 @@ import os
 from data.datasets import resolve_data
 from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
 from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
-from utils.errors import UserError
+from data.errors import UserError
 from utils.evaluate import default_test_bn, iterations_per_epoch
 from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
 from utils.run import RunLog

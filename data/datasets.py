@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from data.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ class BatchStream:
         the GPU waited for the GPU. Under torchrun the keys come from the data generator instead: the
         global RNGs differ between ranks, it is in the same state on all, so they agree on each global
         batch without communicating."""
-        count = min(count, len(self))
+        count = min(count, len(self.labels) // self.batch_size)  # a drop-last pass
         if self.world == 1:
             order = pass_order(len(self.labels), self.images.device)
         else:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.datasets import load_dataset, normalize, to_classifier_input  # noqa: E402
 from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from data.errors import UserError  # noqa: E402
 from utils.evaluate import build_classifier, test  # noqa: E402
 from utils.protocols import write_json  # noqa: E402
 from utils.runtime import seed_everything  # noqa: E402

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict, load_dataset  # noqa: E402
 from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from data.errors import UserError  # noqa: E402
 from utils.protocols import draw_fixed_set, file_sha256, write_json  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 

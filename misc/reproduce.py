@@ -33,40 +33,12 @@ sys.path.insert(0, ROOT)
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 RESULTS_MD = os.path.join(ROOT, 'docs', 'RESULTS.md')
 
-# The schedules. `paper` is the official one (150 + 100 epochs at width 196, 1000 evaluation epochs).
-# `cpu` fits about 90 minutes per dataset on 2 CPU cores; docs/RESULTS.md says why each number was chosen.
-SCHEDULES = {
-    'paper': dict(width=196, stage1=dict(epochs=150, lr=1e-4, batch_size=128),
-                  stage2=dict(epochs=100, lr=5e-6, batch_size=64, epochs_match_train=16),
-                  eval=dict(epochs_eval=1000, test_interval=200, num_eval=3, val_per_class=10),
-                  stage_eval_ipc=50, ipcs=(1, 10, 50), eval_models=('convnet', 'resnet18'), full_epochs=1000),
-    'cpu': {
-        'digits': dict(width=64, stage1=dict(epochs=50, lr=1e-3, batch_size=128),
-                       stage2=dict(epochs=4, lr=1e-4, batch_size=64, epochs_match_train=16),
-                       eval=dict(epochs_eval=100, test_interval=20, num_eval=3, val_per_class=10),
-                       stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=30),
-        'mnist': dict(width=32, stage1=dict(epochs=2, lr=5e-4, batch_size=128), stage2=None,
-                      eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
-                      stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
-        'cifar10-jpeg': dict(width=32, stage1=dict(epochs=3, lr=5e-4, batch_size=128), stage2=None,
-                             eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
-                             stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
-    },
-}
+from misc.schedules import schedule_for  # noqa: E402
 
 # Datasets of this script that the stages read under another --data: the lossy JPEG copy of CIFAR-10 in
 # shared/datasets is an image folder (train/<class>/, test/<class>/), kept apart from real CIFAR-10 so
 # that its numbers are never mistaken for the original's.
 IMAGE_FOLDERS = {'cifar10-jpeg': 'the extracted cifar10-jpeg folder (train/<class>/*.jpg, test/<class>/*.jpg)'}
-
-
-def schedule_for(dataset, name):
-    if name == 'paper':
-        return SCHEDULES['paper']
-    if dataset not in SCHEDULES['cpu']:
-        raise SystemExit(f"error: no cpu schedule for {dataset}; choose from {', '.join(SCHEDULES['cpu'])} "
-                         "or use --schedule paper")
-    return SCHEDULES['cpu'][dataset]
 
 
 def run(script, *flags, log):

@@ -16,6 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from misc.schedules import schedule_for  # noqa: E402
+
 TAG = re.compile(r'repro-(?P<dataset>[a-z0-9-]+?)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
 # how the accuracy of one classifier is read: at the last epoch, at the periodic test chosen on held-out
 # real training images (--val-per-class), or the best periodic test (chosen on the test set: optimistic)
@@ -81,7 +83,6 @@ def collect(results_dir, json_path, md_path):
     """Write the records of the runs under results_dir into json_path and md_path. Records already in
     json_path whose runs are not under results_dir (another machine's, or a results/ folder since
     removed) are kept: a row is replaced only by a new run of the same row, never dropped."""
-    from misc.reproduce import schedule_for
 
     found, stage_times = {}, {}
     for path in sorted(glob.glob(os.path.join(results_dir, 'repro-*', 'eval.json'))):

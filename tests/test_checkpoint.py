@@ -13,7 +13,7 @@ from models.gan import OFFICIAL_DISCRIMINATOR_NAMES, OFFICIAL_GENERATOR_NAMES
 from tests.official import save_official
 from utils.checkpoint import (check_compatible, check_resumable, gan_configs, is_official, load_checkpoint,
                               load_state, save_checkpoint)
-from utils.errors import UserError
+from data.errors import UserError
 from utils.runtime import load_optimizer_state
 from utils.run import adam
 

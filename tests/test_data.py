@@ -8,7 +8,7 @@ from PIL import Image
 
 from data.datasets import (DATASETS, BatchStream, load_dataset, to_classifier_input, to_gan_range)
 from tests.helpers import SHARED_DATASETS
-from utils.errors import UserError
+from data.errors import UserError
 
 
 def test_digits_is_real_balanced_data_with_table_statistics():

@@ -34,8 +34,8 @@ from data.datasets import BatchStream, Split
 from models import Discriminator, Generator
 import gen_condense
 from utils import distributed
-from utils.errors import Interrupted, UserError
-from utils.augment import gradient_penalty
+from data.errors import Interrupted, UserError
+from gen_condense import gradient_penalty
 from utils.run import build_gan
 from utils.runtime import FastPath, make_scaler
 

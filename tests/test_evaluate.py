@@ -12,7 +12,7 @@ import torch
 import validate
 from data.datasets import Split, load_dataset
 from tests.helpers import eval_args as make_args, save_tiny_generator
-from utils.errors import UserError
+from data.errors import UserError
 from utils.evaluate import train_on_generator
 from utils.protocols import (TrainSet, classifier_seeds, draw_fixed_set, markdown_table, random_subset_indices,
                              run_evaluation, train_fixed, train_onthefly)

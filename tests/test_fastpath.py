@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from data.datasets import BatchStream
 from misc.benchmark import DispatchCounter, random_split, stage1_workload, stage2_workload, validation_workload
 from models import Discriminator
-from gen_condense import discriminator_step, generator_step
+from gen_condense import discriminator_step, generator_step, gradient_penalty
 from data.datasets import _channel_constant, normalize
 from utils.cli import stage_parser
 from utils.evaluate import classifier_step
-from utils.augment import gradient_penalty
-from utils.errors import UserError
+from data.errors import UserError
 from utils.runtime import (FastPath, autocast, concrete_device, cpu_fp16_supported, load_optimizer_state,
                            make_scaler, resolve_amp, same_device, scale_value, select_device, setup_backend)
 
@@ -189,7 +188,7 @@ def test_cuda_graphs_match_eager(model, well_conditioned):
     work = build(workload('on'), fast)
     for _ in range(4):
         work.step()
-    assert work.pool.graphed.graph is not None  # the last steps were replays
+    assert work.pool.train_steps.graph is not None  # the last steps were replays
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.augment import make_augment
-from utils.errors import UserError
+from data.errors import UserError
 from utils.graphs import GraphedStep, capture_problem
 
 CUDA, CPU = torch.device('cuda'), torch.device('cpu')

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.augment import DiffAug
-from utils.augment import (GRAD_WEIGHT, METRICS, MATCH_LOSSES, dist, feature_match_loss, gradient_match_loss,
-                            gradient_penalty, logit_match_loss)
+from gen_condense import gradient_penalty
+from utils.augment import (GRAD_WEIGHT, METRICS, MATCH_LOSSES, DiffAug, dist, feature_match_loss,
+                           gradient_match_loss, logit_match_loss)
 
 
 class TinyNet(nn.Module):

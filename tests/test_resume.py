@@ -22,7 +22,7 @@ import pool_match
 import utils.evaluate as evaluate
 from conftest import make_imagefolder
 from utils.checkpoint import LAST, TMP_PREFIX, load_checkpoint, save_checkpoint
-from utils.errors import UserError
+from data.errors import UserError
 from utils.run import GanRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """Augmentation and matching: differentiable siamese augmentation (DSA), CutMix, the match losses of
-stage 2, and the WGAN-GP penalty of stages 1 and 2.
+stage 2.
 
 Every augmentation op is a pure function ``op(x, batch) -> x`` on a normalised [B, C, H, W]
 float tensor and is differentiable w.r.t. ``x`` (the generator is trained through
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['DiffAug', 'make_augment', 'cutmix', 'AUGMENT_FNS', 'upcast', 'gradient_penalty', 'logit_match_loss',
+__all__ = ['DiffAug', 'make_augment', 'cutmix', 'AUGMENT_FNS', 'upcast', 'logit_match_loss',
            'feature_match_loss', 'gradient_match_loss', 'MATCH_LOSSES', 'METRICS', 'dist']
 
 CROP_RATIO = 0.125      # max shift as a fraction of the side: 4 px at 32 px
@@ -48,24 +48,16 @@ FLIP_PROB = 0.5
 # ---------------------------------------------------------------------------
 # random parameters: n = 1 in batch mode, so a single draw broadcasts over B
 # ---------------------------------------------------------------------------
-def _num_draws(x: Tensor, batch: bool) -> int:
-    return 1 if batch else x.shape[0]
-
-
 def _uniform(x: Tensor, batch: bool, low: float, high: float, shape: Sequence[int] = (1, 1, 1)) -> Tensor:
     # Drawn in float32 whatever x.dtype is, so a seed gives the same numbers under
     # autocast / half inputs; cast afterwards so the op keeps x's dtype.
-    u = torch.rand(_num_draws(x, batch), *shape, device=x.device)
+    u = torch.rand(1 if batch else x.shape[0], *shape, device=x.device)
     return (low + (high - low) * u).to(x.dtype)
 
 
 def _randint(x: Tensor, batch: bool, low: int, high: int) -> Tensor:
     """Integers in [low, high) of shape [n, 1]."""
-    return torch.randint(low, high, (_num_draws(x, batch), 1), device=x.device)
-
-
-def _max_shift(size: int) -> int:
-    return int(size * CROP_RATIO + 0.5)
+    return torch.randint(low, high, (1 if batch else x.shape[0], 1), device=x.device)
 
 
 # ---------------------------------------------------------------------------
@@ -110,7 +102,7 @@ def _shift_cols(x: Tensor, dx: Tensor) -> Tensor:
 
 
 def rand_crop(x: Tensor, batch: bool) -> Tensor:
-    s_h, s_w = _max_shift(x.shape[2]), _max_shift(x.shape[3])
+    s_h, s_w = int(x.shape[2] * CROP_RATIO + 0.5), int(x.shape[3] * CROP_RATIO + 0.5)  # rounded
     dy = _randint(x, batch, -s_h, s_h + 1)
     dx = _randint(x, batch, -s_w, s_w + 1)
     return _shift_cols(_shift_rows(x, dy), dx)
@@ -118,7 +110,7 @@ def rand_crop(x: Tensor, batch: bool) -> Tensor:
 
 def rand_translate(x: Tensor, batch: bool) -> Tensor:
     # width (last) axis only, by an integer in [-s, s], s = round(0.125 * W)
-    s = _max_shift(x.shape[3])
+    s = int(x.shape[3] * CROP_RATIO + 0.5)
     return _shift_cols(x, _randint(x, batch, -s, s + 1))
 
 
@@ -148,7 +140,7 @@ def rand_cutout(x: Tensor, batch: bool) -> Tensor:
 # ---------------------------------------------------------------------------
 def rand_flip(x: Tensor, batch: bool) -> Tensor:
     # compare in float32: rounding u to a half dtype first would bias p
-    flip = torch.rand(_num_draws(x, batch), 1, 1, 1, device=x.device) < FLIP_PROB
+    flip = torch.rand(1 if batch else x.shape[0], 1, 1, 1, device=x.device) < FLIP_PROB
     return torch.where(flip, x.flip(3), x)
 
 
@@ -227,27 +219,18 @@ class DiffAug:
         self.pre = [op for op in _PRE if op in ops]
         self.geometric = [op for op in _GEOMETRIC if op in ops]
         self.post = [op for op in _POST if op in ops]
-
-    @property
-    def draws_on_host(self) -> bool:
-        """Whether a call makes a host-side random draw (the choice among several geometric ops)."""
-        return len(self.geometric) > 1
-
-    def _apply(self, name: str, x: Tensor) -> Tensor:
-        for fn in AUGMENT_FNS[name]:
-            x = fn(x, self.batch)
-        return x
+        # whether a call makes a host-side random draw (the choice among several geometric ops)
+        self.draws_on_host = len(self.geometric) > 1
+        self.steps = self.pre + (['geometric'] if self.geometric else []) + self.post
 
     def __call__(self, x: Tensor) -> Tensor:
-        for name in self.pre:
-            x = self._apply(name, x)
-        if self.geometric:
-            # a single CPU draw: picking the op needs a Python int, and a CPU
-            # tensor's item() does not synchronise with the GPU
-            k = int(torch.randint(len(self.geometric), (1,))) if self.draws_on_host else 0
-            x = self._apply(self.geometric[k], x)
-        for name in self.post:
-            x = self._apply(name, x)
+        for name in self.steps:
+            if name == 'geometric':
+                # a single CPU draw: picking the op needs a Python int, and a CPU
+                # tensor's item() does not synchronise with the GPU
+                name = self.geometric[int(torch.randint(len(self.geometric), (1,))) if self.draws_on_host else 0]
+            for fn in AUGMENT_FNS[name]:
+                x = fn(x, self.batch)
         return x
 
     def __repr__(self) -> str:
@@ -291,7 +274,7 @@ def cutmix(images: Tensor, labels: Tensor, beta: float = 1.0) -> tuple[Tensor, T
 
 
 # ---------------------------------------------------------------------------
-# match losses and the gradient penalty
+# match losses
 # ---------------------------------------------------------------------------
 LOGIT_WEIGHT = 0.01
 FEATURE_WEIGHT = 0.001   # per layer of feature matching
@@ -303,36 +286,6 @@ def upcast(t: Tensor) -> Tensor:
     """Half-precision (autocast) values to float32 for reductions and losses; float32 and float64 stay
     as they are, so a float64 run (the golden-value tests) stays float64 throughout."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor,
-                     weight: float = 10.0, alpha: Tensor | None = None,
-                     grad_scale: Tensor | None = None) -> Tensor:
-    """WGAN-GP: ``weight * mean((||d critic(x_hat) / d x_hat||_2 - 1)^2)``.
-
-    ``x_hat = a * real + (1 - a) * fake`` with ``a ~ U(0, 1)`` per sample (or the
-    given ``alpha`` of shape [B]). The penalty constrains the critic only, so the
-    interpolates are a fresh leaf (no gradient to the generator); the graph of
-    the input gradient is kept so the penalty can be backpropagated into the
-    critic's weights (double backward).
-
-    ``grad_scale`` (fp16 loss scaling): the input gradient is taken of the
-    critic output times this scale and divided by it again, so it does not
-    underflow in half precision; the penalty's value is unchanged.
-    """
-    B = real.shape[0]
-    if alpha is None:
-        alpha = torch.rand(B, device=real.device)
-    a = alpha.to(device=real.device, dtype=real.dtype).view(B, *([1] * (real.dim() - 1)))
-    x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
-    scores = critic(x_hat).sum()
-    if grad_scale is not None:
-        scores = scores * grad_scale
-    grad, = torch.autograd.grad(scores, x_hat, create_graph=True)
-    if grad_scale is not None:
-        grad = upcast(grad) / grad_scale
-    norm = upcast(grad.flatten(1)).norm(2, dim=1)
-    return weight * ((norm - 1) ** 2).mean()
 
 
 def _check_siamese(augment: Callable | None) -> None:
@@ -363,7 +316,7 @@ def logit_match_loss(model: nn.Module, real: Tensor, fake: Tensor,
     """
     if real.shape[0] != fake.shape[0]:
         raise ValueError(f'logit matching pairs samples: got {real.shape[0]} real and {fake.shape[0]} fake')
-    real_x, fake_x = _augment_pair(real, fake, augment)
+    real_x, fake_x = _augment_pair(real, fake, augment) if augment is not None else (real.detach(), fake)
     with torch.no_grad():
         real_logp = F.log_softmax(upcast(model(real_x)), dim=1)
     fake_logp = F.log_softmax(upcast(model(fake_x)), dim=1)

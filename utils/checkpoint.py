@@ -23,7 +23,7 @@ import torch
 
 from models.gan import (OFFICIAL_DISCRIMINATOR_NAMES, OFFICIAL_GENERATOR_NAMES, Discriminator,
                         Generator)
-from utils.errors import UserError
+from data.errors import UserError
 from utils.runtime import load_optimizer_state
 
 FORMAT = 'dim-repro/1'

@@ -8,7 +8,7 @@ import os
 import sys
 
 from data.datasets import DATASET_CHOICES
-from utils.errors import UserError
+from data.errors import UserError
 
 TEST_BN = ('batch', 'running')
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from data.datasets import local_batch_size
-from utils.errors import Interrupted, UserError
+from data.errors import Interrupted, UserError
 
 # minutes the ranks wait for each other on the control group (rank 0 validating, or saving)
 TIMEOUT_ENV = 'DIM_DIST_TIMEOUT_MIN'

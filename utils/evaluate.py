@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from data.datasets import TEST_BATCH, normalize, test_batches, to_classifier_input
 from models import create_model, generate
 from utils.augment import cutmix, make_augment
-from utils.errors import Interrupted
+from data.errors import Interrupted
 from utils.runtime import FastPath, backward_step
 
 

@@ -12,7 +12,7 @@ returns nothing. `capture_problem` lists what would break that, and the stage re
 """
 import torch
 
-from utils.errors import UserError
+from data.errors import UserError
 from utils.runtime import same_device
 
 

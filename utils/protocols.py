@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data.datasets import Split, normalize, to_classifier_input
-from utils.errors import UserError
+from data.errors import UserError
 from utils.evaluate import test_batch_size, train_on_generator
 from utils.runtime import hardware, seed_everything
 from utils.stacking import can_stack, train_group

@@ -19,7 +19,7 @@ from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoin
                               load_checkpoint, load_gan_state, remove_stale_temps, save_checkpoint)
 from utils import distributed
 from utils.cli import check_output_dirs
-from utils.errors import Diverged, Interrupted, UserError
+from data.errors import Diverged, Interrupted, UserError
 from utils.evaluate import default_test_bn, validate
 from utils.runtime import (FastPath, autocast, resolve_amp, rng_state,
                            seed_everything, select_device, set_rng_state, setup_backend)
@@ -89,8 +89,10 @@ class RunLog:
     def progress(self, iterable=None, **kwargs):
         return tqdm(iterable, disable=not self.show_progress, dynamic_ncols=True, leave=False, **kwargs)
 
-    def log(self, text):
-        """print, without tearing an active progress bar."""
+    def log(self, text, scalars=None, step=None):
+        """print, without tearing an active progress bar; and the `scalars` to tensorboard at `step`."""
+        if scalars:
+            self.scalars(scalars, step)
         if self.show_progress:
             tqdm.write(text, file=sys.stdout)
         else:
@@ -107,26 +109,6 @@ class RunLog:
         elif self.quiet and sys.stdout is not self._stdout:
             sys.stdout.close()  # /dev/null
         sys.stdout = self._stdout
-
-
-class Meters:
-    """Running means of device tensors; read (one host sync) only when printed."""
-
-    def __init__(self):
-        self.sums, self.count = {}, 0
-
-    def add(self, values):
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-        self.count += 1
-
-    def pop(self):
-        if not self.count:
-            return {}
-        keys = list(self.sums)
-        means = (torch.stack([self.sums[k] for k in keys]) / self.count).tolist()
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, means))
 
 
 # tensorboard names of the per-iteration metrics
@@ -250,9 +232,10 @@ class GanRun:
         if self.resumed_from:
             self._restore_progress(ckpt)
         distributed.prepare(self.nets, args, self.iteration)  # DDP under torchrun, per-rank seeds
+        self.distributed = distributed.is_dist()
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_signal = None
-        self.meters = Meters()
+        self.loss_sums, self.loss_count = None, 0  # running sums of the logged losses, on the device
         # fixed noise for sample grids, drawn apart from the training RNG so grids do not perturb it
         self.grid_labels = torch.arange(self.info.num_classes).repeat(10).to(self.device)
         self.grid_noise = torch.randn(len(self.grid_labels), self.nets.G.dim_noise,
@@ -295,12 +278,6 @@ class GanRun:
             self.order = self.train_stream.new_order()
         return self.train_stream.batches(self.order, start=self.epoch_iteration)
 
-    def track(self, *losses):
-        """Remember the first step whose losses are not finite, without a host sync."""
-        finite = torch.stack([loss.float() for loss in losses]).isfinite().all()
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite,
-                                    torch.full_like(self.bad_step, self.iteration), self.bad_step)
-
     def _last_good_text(self):
         if self.last_good is None:
             return "none (nothing saved yet" + (f"; the run started from {self.args.weight})"
@@ -310,7 +287,8 @@ class GanRun:
     def check_finite(self, weights=False):
         """Stop (Diverged) once a loss was NaN or infinite; with `weights`, also when G or D holds a
         non-finite number (a step can break the weights before any loss shows it)."""
-        step = distributed.first_bad_step(self.bad_step)  # int(self.bad_step), agreed between ranks
+        # the one host sync of the check; under torchrun the earliest over the ranks
+        step = distributed.first_bad_step(self.bad_step) if self.distributed else int(self.bad_step)
         if step >= 0:
             epoch = (step - 1) // max(1, len(self.train_stream)) + 1
             raise Diverged(f"a loss became NaN or infinite at iteration {step} (epoch {epoch}); stopped "
@@ -335,20 +313,29 @@ class GanRun:
         return self.stop_signal is not None
 
     def after_iteration(self, metrics, save_extra=None):
-        """Count the step, watch for NaN, print and log every --print-freq steps, write the rolling
-        checkpoint every --save-every steps, and stop cleanly when a signal came."""
+        """Count the step; remember the first step with a non-finite loss and add the losses to their
+        running sums, both on the device (no host sync); every --print-freq steps check, print and log
+        their means (the one host sync); write the rolling checkpoint every --save-every steps; stop
+        cleanly when a signal came."""
         args = self.args
         self.iteration += 1
         self.epoch_iteration += 1
-        self.track(*metrics.values())
-        self.meters.add(metrics)
+        losses = torch.stack([v.detach().float() for v in metrics.values()])
+        self.bad_step = torch.where((self.bad_step < 0) & ~losses.isfinite().all(),
+                                    torch.full_like(self.bad_step, self.iteration), self.bad_step)
+        self.loss_sums = losses if self.loss_count == 0 else self.loss_sums + losses
+        self.loss_count += 1
         if self.iteration % args.print_freq == 0:
             self.check_finite()
-            means = distributed.mean_over_ranks(self.meters.pop())  # the one host sync per print
-            self.runlog.scalars({SCALAR_TAGS.get(k, k): v for k, v in means.items()}, self.iteration)
+            means = dict(zip(metrics, (self.loss_sums / self.loss_count).tolist()))
+            self.loss_count = 0
+            if self.distributed:  # the losses of the global batch
+                means = distributed.mean_over_ranks(means)
             self.runlog.log(f"epoch {self.epoch + 1} iter {self.iteration}: "
-                            + '  '.join(f'{k} {v:.4f}' for k, v in means.items()))
-        stop = distributed.stop_requested(self)  # self.stop_requested(), agreed between ranks
+                            + '  '.join(f'{k} {v:.4f}' for k, v in means.items()),
+                            {SCALAR_TAGS.get(k, k): v for k, v in means.items()}, self.iteration)
+        # under torchrun a signal to any rank stops all of them at the same step
+        stop = distributed.stop_requested(self) if self.distributed else self.stop_signal is not None
         if stop or (args.save_every and self.iteration % args.save_every == 0):
             self.save(LAST, save_extra() if save_extra else None)
         if stop:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from data.errors import UserError
 
 AMP_CHOICES = ('off', 'bf16', 'fp16')
 # torch.compile modes offered: no CUDA-graph mode ('reduce-overhead') -- the step functions keep tensors

@@ -1,4 +1,7 @@
-"""Exceptions that end a run on purpose, each turned into one line and an exit status by the scripts."""
+"""Exceptions that end a run on purpose, each turned into one line and an exit status by the scripts.
+
+They live in data/, the bottom of the import graph (models/ and data/ import nothing of the repository
+above them), because the data loaders raise UserError too."""
 
 
 class UserError(Exception):
