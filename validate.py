@@ -8,22 +8,42 @@
 (classes x --ipc) freshly generated images. --protocol fixed: ipc images per class are drawn from the
 generator once and the classifiers train on that fixed set only. --baseline random / full train the
 same way on ipc real images per class / the whole training set. --num-eval K trains K classifiers
-with seeds --seed, --seed + 1, ... and reports mean and std. Results: results/<tag>/eval.json and a
-markdown table; both give the final top-1 and the best top-1 over the periodic tests (selected on the
-test set, as the paper reports it). See docs/EVALUATION.md.
-"""
-import os
+with seeds --seed, --seed + 1, ... (one after another; --stack trains a fixed-set architecture's K
+together) and reports mean and std. Results: results/<tag>/eval.json and a markdown table; both give
+the final top-1 and the best top-1 over the periodic tests (selected on the test set, as the paper
+reports it). See docs/EVALUATION.md.
 
-from data.datasets import resolve_data
+The run, top-down: main() sets up; run_evaluation() holds the protocol: (1) hold out real images
+(--val-per-class), (2) draw the fixed training sets, (3) for every architecture and seed train a
+classifier (utils/evaluate.py: train_on_generator, train_on_set) and test it periodically, (4)
+summarise over the seeds into the report that main() writes and prints.
+"""
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.datasets import Split, normalize, resolve_data
+from data.errors import UserError
 from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
 from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
-from data.errors import UserError
-from utils.evaluate import default_test_bn, iterations_per_epoch
-from utils.protocols import BASELINES, PROTOCOLS, markdown_table, run_evaluation, write_json
+from utils.evaluate import default_test_bn, iterations_per_epoch, test_batch_size, train_on_generator, train_on_set
 from utils.run import RunLog
-from utils.runtime import autocast, resolve_amp, seed_everything, select_device, setup_backend
+from utils.runtime import autocast, hardware, resolve_amp, seed_everything, select_device, setup_backend
+from utils.stacking import train_stacked
 
+PROTOCOLS = ('onthefly', 'fixed')
+BASELINES = ('random', 'full')
 REPORT = 'eval.json'
+REPORT_FORMAT = 'dim-eval/1'
+DRAW_CHUNK = 1000  # images per generator forward pass when drawing a fixed set
+ON_DEVICE_MAX_BYTES = 4 * 2**30  # training sets up to this size live on the training device
+HOLDOUT_SEED = 0  # the same held-out images for every run with the same --val-per-class
 
 
 def get_parser():
@@ -50,8 +70,12 @@ def get_parser():
                    help='hold out N real training images per class that nothing trains on, test on them at '
                         'every periodic test, and report the test accuracy at the test they select '
                         '(0: off)')
+    g.add_argument('--stack', action='store_true',
+                   help='--protocol fixed and the baselines: train the --num-eval classifiers of an architecture '
+                        'together, stacked with torch.func (faster; equal to one after another up to float '
+                        'rounding, utils/stacking.py)')
     g.add_argument('--no-stack', action='store_true',
-                   help='train the --num-eval classifiers one after another instead of stacked together')
+                   help='one classifier after another: the default; accepted for older command lines')
     return p
 
 
@@ -65,6 +89,8 @@ def check_flags(args):
     check_positive(args, 'num_eval')
     if args.val_per_class < 0:
         raise UserError(f"--val-per-class must be 0 or more, got {args.val_per_class}")
+    if args.stack and args.no_stack:
+        raise UserError("--stack and --no-stack contradict each other: give one")
 
 
 def main():
@@ -104,6 +130,255 @@ def main():
               f"test set; ± population std over seeds {report['seeds']})\nwrote {os.path.normpath(path)}")
     finally:
         runlog.close()
+
+
+def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, checkpoint=None, runlog=None):
+    """Evaluate every --eval-model under --protocol / --baseline with --num-eval seeds.
+
+    Returns the report dict written to results/<tag>/eval.json (docs/EVALUATION.md lists its fields).
+    """
+    method = args.baseline or 'dim'
+    protocol = args.protocol
+    if method == 'dim' and G is None:
+        raise ValueError("evaluating the generator needs G")
+    if method != 'dim' and protocol != 'fixed':
+        raise ValueError("baselines are trained with the fixed protocol")
+    seeds = [args.seed + k for k in range(args.num_eval)]
+    set_seed = args.seed if getattr(args, 'set_seed', None) is None else args.set_seed
+    # seed k trains on the set drawn with set_seed + k, so the spread covers the draw of the set;
+    # --fixed-set: every seed on the one set of set_seed (the spread of the classifier training alone)
+    fixed_set = getattr(args, 'fixed_set', False) or method == 'full'
+    set_seeds = [set_seed] * len(seeds) if fixed_set else [set_seed + k for k in range(len(seeds))]
+    start = time.time()
+
+    # (1) real training images that nothing trains on, to select an epoch without the test set
+    val_split = None
+    if getattr(args, 'val_per_class', 0):
+        val_split, train_split = hold_out(train_split, info.num_classes, args.val_per_class)
+        print(f"held out {len(val_split)} real training images ({args.val_per_class} per class) to select the "
+              f"epoch; the baselines draw from the other {len(train_split)}")
+
+    # (2) the fixed protocol's training sets, each drawn once: (images, labels) per seed. Generated
+    # images are float32, already normalised; real ones stay uint8 and are normalised per batch.
+    train_sets = None
+    if protocol == 'fixed':
+        built = {}
+        for s in set_seeds:
+            if s in built:
+                continue
+            if method == 'dim':
+                images, labels = draw_fixed_set(G, info, args.ipc, s, device)
+            elif method == 'random':
+                idx = random_subset_indices(train_split.labels, info.num_classes, args.ipc, s)
+                images, labels = train_split.images[idx], train_split.labels[idx]
+            else:  # full
+                images, labels = train_split.images, train_split.labels
+            where = device if images.numel() * images.element_size() <= ON_DEVICE_MAX_BYTES else torch.device('cpu')
+            built[s] = (images.to(where), labels.to(where))
+        train_sets = [built[s] for s in set_seeds]
+        n = len(train_sets[0][1])
+        print(f"fixed training set ({method}): {n} images"
+              + (f" per seed, drawn with set seeds {set_seeds}" if len(built) > 1 else "")
+              + f", {math.ceil(n / args.batch_size)} minibatches of up to {args.batch_size} per epoch")
+
+    # (3) every architecture, every seed: a fresh classifier from seed_everything(seed), trained and
+    # tested periodically; --stack trains a fixed-set architecture's seeds together instead
+    rows = []
+    for name in args.eval_model:
+        t0 = time.time()
+        results = None
+        if protocol == 'fixed' and args.stack and len(seeds) > 1:
+            results = train_stacked(name, train_sets, info, test_split, args, device, ctx, seeds, runlog, val_split)
+        stacked = results is not None
+        if not stacked:
+            results = []
+            for k, seed in enumerate(seeds):
+                seed_everything(seed)
+                if protocol == 'onthefly':
+                    r = train_on_generator(G, name, info, test_split, args, device, ctx, extra_iteration=False,
+                                           runlog=runlog, val_split=val_split)
+                    r.pop('seconds')
+                else:
+                    _, r = train_on_set(name, *train_sets[k], info, test_split, args, device, ctx, runlog,
+                                        val_split)
+                results.append({'seed': seed, **r})
+
+        # (4) the architecture's row: every accuracy per seed, with mean and std over the seeds
+        row = summarise(name, results, time.time() - t0, stacked)
+        rows.append(row)
+        print(f"  [{name}] top-1 final {row['top1_mean']:.2f} ± {row['top1_std']:.2f}, "
+              + (f"at the test selected on held-out images {row['selected_top1_mean']:.2f} ± "
+                 f"{row['selected_top1_std']:.2f}, " if val_split is not None else "")
+              + f"best (selected on test) {row['best_top1_mean']:.2f} ± {row['best_top1_std']:.2f} over "
+              f"{len(seeds)} seed(s), "
+              f"{row['wall_seconds']:.0f}s{' (stacked)' if stacked else ''}")
+        if runlog is not None:
+            runlog.scalars({f'Eval/{method}/{protocol}/{name}/top1': row['top1_mean'],
+                            f'Eval/{method}/{protocol}/{name}/best_top1': row['best_top1_mean']}, 0)
+
+    params = sum(p.numel() for p in G.parameters()) if method == 'dim' else None
+    ipc = None if method == 'full' else args.ipc
+    fixed = protocol == 'fixed' and method != 'full'
+    return {
+        'format': REPORT_FORMAT,
+        'protocol': protocol,
+        'method': method,
+        'dataset': info.name,
+        'num_classes': info.num_classes,
+        'ipc': ipc,
+        'test_bn': args.test_bn,
+        'train_images': len(train_sets[0][1]) if train_sets is not None else None,
+        'val_per_class': getattr(args, 'val_per_class', 0),
+        'val_images': len(val_split) if val_split is not None else 0,
+        # what the method stores: the generator (fp32, bf16) against ipc x classes uint8 real images
+        'storage': {'generator_parameters': params, 'generator_bytes_fp32': params and 4 * params,
+                    'generator_bytes_bf16': params and 2 * params,
+                    'ipc_images_bytes_uint8': None if ipc is None else
+                    ipc * info.num_classes * info.channels * info.img_size ** 2},
+        'architectures': list(args.eval_model),
+        'num_eval': args.num_eval,
+        'seeds': seeds,
+        'set_seed': set_seed if fixed else None,
+        'set_seeds': set_seeds if fixed else None,
+        'fixed_set': fixed_set if fixed else None,
+        'generator_checkpoint': os.path.abspath(checkpoint) if checkpoint and method == 'dim' else None,
+        'generator_sha256': file_sha256(checkpoint) if checkpoint and method == 'dim' else None,
+        'recipe': {
+            'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
+            'momentum': args.momentum, 'weight_decay': args.weight_decay,
+            'lr_schedule': 'x0.1 after the first half of the epochs' if protocol == 'fixed' else 'constant',
+            'aug_type': args.aug_type, 'mixup_net': args.mixup_net, 'mix_p': args.mix_p, 'beta': args.beta,
+            'test_interval': args.test_interval,
+            'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
+        },
+        'accuracy_keys': {
+            'top1': 'top-1 (%) on the real test set after the last epoch',
+            'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
+                       'running: eval mode',
+            'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
+            'selected_top1': 'top-1 (%) at the periodic test whose accuracy on the held-out real training '
+                             'images (--val-per-class) was highest (earliest on ties)',
+            'top5': 'top-5 (%) after the last epoch',
+            'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',
+            'std': 'population standard deviation over the seeds (ddof=0)',
+        },
+        'rows': rows,
+        'device': str(device),
+        'hardware': hardware(device),
+        'amp': getattr(args, 'amp', 'off'),
+        'torch': torch.__version__,
+        'wall_seconds': round(time.time() - start, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the training sets: a fixed draw from G, a random real subset, the held-out images
+
+@torch.no_grad()
+def draw_fixed_set(G, info, ipc, seed, device, chunk=DRAW_CHUNK):
+    """ipc images per class from G, class-major (all of class 0, then class 1, ...).
+
+    G runs in eval mode (BatchNorm running statistics, so every image is independent of the others
+    in its pass) and in float32. The noise comes from a CPU generator seeded with `seed`: N(0, I) with
+    the one-hot class in its first entries (as `models.conditional_noise`), so the same seed gives the
+    same noise on any device and the global RNG is not touched. G is called once per `chunk` images.
+    Returns (images, labels) on `device`: images float32 in [0, 1] normalised with the dataset
+    statistics, labels int64. (misc/export.py writes the same sets to disk.)
+    """
+    if ipc < 1:
+        raise UserError(f"--ipc must be at least 1, got {ipc}")
+    labels = torch.arange(info.num_classes).repeat_interleave(ipc)
+    z = torch.randn(len(labels), G.dim_noise, generator=torch.Generator().manual_seed(seed))
+    z[:, :info.num_classes] = F.one_hot(labels, info.num_classes).float()
+    was_training = G.training
+    G.eval()
+    try:
+        parts = [G(part.to(device)).float() for part in z.split(chunk)]
+    finally:
+        G.train(was_training)
+    images = (torch.cat(parts) + 1) / 2
+    return normalize(images, info.mean, info.std).contiguous(), labels.to(device)
+
+
+def random_subset_indices(labels, num_classes, ipc, seed, what='--baseline random', flag='--ipc'):
+    """Indices of ipc images per class, class-major, chosen with a CPU generator seeded `seed`.
+    `what` and `flag` name the request in the error a too-small class gives."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        if len(members) < ipc:
+            raise UserError(f"{what}: class {c} has only {len(members)} training images, "
+                            f"fewer than {flag} {ipc}")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:ipc]])
+    return torch.cat(chosen)
+
+
+def hold_out(split, num_classes, per_class):
+    """(held-out Split of `per_class` images per class, Split of the rest), drawn with HOLDOUT_SEED:
+    real training images that nothing in the evaluation trains on, to select an epoch without the
+    test set (--val-per-class)."""
+    idx = random_subset_indices(split.labels, num_classes, per_class, HOLDOUT_SEED, 'held-out images',
+                                '--val-per-class')
+    rest = torch.ones(len(split), dtype=torch.bool)
+    rest[idx] = False
+    return Split(split.images[idx], split.labels[idx]), Split(split.images[rest], split.labels[rest])
+
+
+# ----------------------------------------------------------------------------------------------
+# the report: eval.json and its markdown table (misc/compare.py prints several reports with it)
+
+def summarise(architecture, results, seconds, stacked):
+    """One architecture's row: each accuracy per seed, with its mean and population std (numpy's
+    default ddof=0, as the DC/DSA/MTT evaluation code reports it; 0 for one seed)."""
+    row = {'architecture': architecture, 'seeds': [r['seed'] for r in results], 'stacked': stacked,
+           'wall_seconds': round(seconds, 3)}
+    selected = 'selected_top1' in results[0]  # --val-per-class
+    for key in ('top1', 'best_top1', 'top5', 'best_top5') + (('selected_top1', 'val_top1') if selected else ()):
+        values = [r[key] for r in results]
+        a = np.asarray(values, dtype=np.float64)
+        row[key], row[f'{key}_mean'], row[f'{key}_std'] = values, float(a.mean()), float(a.std())
+    if selected:
+        row['selected_epoch'] = [r['selected_epoch'] for r in results]
+    row['test_curves'] = [r['test_curve'] for r in results if 'test_curve' in r]
+    return row
+
+
+def markdown_table(report):
+    """The report as a markdown table, one row per architecture."""
+    K = report['num_eval']
+    ipc = report['ipc'] if report['ipc'] is not None else 'all'
+    selected = report.get('val_per_class')
+    lines = ["| method | protocol | test BN | dataset | ipc | model | runs | top-1 final (mean ± std) "
+             + ("| top-1 at the test selected on held-out train images (mean ± std) " if selected else "")
+             + "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if selected else "") + "---|---|"]
+    for r in report['rows']:
+        lines.append(f"| {report['method']} | {report['protocol']} | {report['test_bn']} | {report['dataset']} "
+                     f"| {ipc} | {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+                     + (f"| {r['selected_top1_mean']:.2f} ± {r['selected_top1_std']:.2f} " if selected else "")
+                     + f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
+                     f"| {r['top5_mean']:.2f} ± {r['top5_std']:.2f} |")
+    return '\n'.join(lines)
+
+
+def write_json(obj, path):
+    """Write atomically: a temporary file then a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def file_sha256(path, block=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 if __name__ == '__main__':

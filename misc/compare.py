@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.protocols import markdown_table  # noqa: E402
+from validate import markdown_table  # noqa: E402
 
 
 def main(paths):

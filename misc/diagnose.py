@@ -26,7 +26,7 @@ from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint,
 from utils.cli import run  # noqa: E402
 from data.errors import UserError  # noqa: E402
 from utils.evaluate import build_classifier, test  # noqa: E402
-from utils.protocols import write_json  # noqa: E402
+from validate import write_json  # noqa: E402
 from utils.runtime import seed_everything  # noqa: E402
 
 

@@ -9,7 +9,7 @@ DIR (default results/export/<dataset>_ipc<N>_seed<S>) receives
   meta.json  dataset, mean, std, ipc, seed, shapes, generator checkpoint path and sha256
   png/<class>/<index>.png  with --png: the same images de-normalised to [0, 1], one folder per class
 The images are exactly those `validate.py --protocol fixed --set-seed S` trains on (one drawing
-function, utils.protocols.draw_fixed_set). See docs/EVALUATION.md.
+function, validate.draw_fixed_set). See docs/EVALUATION.md.
 """
 import os
 import sys
@@ -25,7 +25,7 @@ from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict
 from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
 from data.errors import UserError  # noqa: E402
-from utils.protocols import draw_fixed_set, file_sha256, write_json  # noqa: E402
+from validate import draw_fixed_set, file_sha256, write_json  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 EXPORT_FORMAT = 'dim-export/1'

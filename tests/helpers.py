@@ -34,11 +34,11 @@ def save_tiny_generator(path, info, seed):
 
 
 def eval_args(**overrides):
-    """validate.py's arguments for in-process evaluations (utils.protocols.run_evaluation): a tiny fixed
+    """validate.py's arguments for in-process evaluations (validate.run_evaluation): a tiny fixed
     protocol on one ConvNet; `overrides` change any of them."""
     from argparse import Namespace
 
-    base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, no_stack=False, ipc=1,
+    base = dict(protocol='fixed', baseline=None, num_eval=1, seed=7, set_seed=None, stack=False, ipc=1,
                 epochs_eval=2, eval_lr=0.01, batch_size=8, test_interval=1, aug_type='color_crop_cutout',
                 mixup_net='cut', mix_p=-1.0, beta=1.0, eval_model=['convnet'], amp='off', momentum=0.9,
                 weight_decay=5e-4, test_bn='running', fixed_set=False, val_per_class=0)

@@ -28,7 +28,7 @@ def _register(module, entries, order):
 class OfficialGenerator(nn.Module):
     def __init__(self, channels=3, img_size=32, dim_noise=100, width=WIDTH, order='interleaved'):
         super().__init__()
-        self.width, self.dim_noise, self.num_classes = width, dim_noise, 10  # for utils.protocols.draw_fixed_set
+        self.width, self.dim_noise, self.num_classes = width, dim_noise, 10  # for validate.draw_fixed_set
         w = width
         entries = [('fc1', nn.Linear(dim_noise, w * 4 * 4)), ('bn0', nn.BatchNorm1d(w * 4 * 4)),
                    ('conv1', nn.ConvTranspose2d(w, w, 3 if img_size == 28 else 4, stride=2, padding=1)),

@@ -13,10 +13,10 @@ import validate
 from data.datasets import Split, load_dataset
 from tests.helpers import eval_args as make_args, save_tiny_generator
 from data.errors import UserError
-from utils.evaluate import train_on_generator
-from utils.protocols import (TrainSet, classifier_seeds, draw_fixed_set, markdown_table, random_subset_indices,
-                             run_evaluation, train_fixed, train_onthefly)
+from utils.evaluate import train_on_generator, train_on_set
 from utils.runtime import seed_everything
+from utils.stacking import train_stacked
+from validate import draw_fixed_set, hold_out, markdown_table, random_subset_indices, run_evaluation
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device('cpu')
@@ -80,16 +80,19 @@ def test_fixed_protocol_draws_each_set_once(digits, gen_ckpt, fixed_set):
     assert len(calls) == (1 if fixed_set else 2)
     assert report['train_images'] == 20 and report['method'] == 'dim' and report['set_seed'] == 7
     assert report['set_seeds'] == ([7, 7] if fixed_set else [7, 8]) and report['fixed_set'] == fixed_set
-    assert report['seeds'] == [7, 8] and report['rows'][0]['stacked']
+    assert report['seeds'] == [7, 8] and not report['rows'][0]['stacked']  # one after another by default
+    stacked = run_evaluation(make_args(num_eval=2, epochs_eval=1, ipc=2, fixed_set=fixed_set, stack=True), info,
+                             train, test, CPU, NOCTX, G=G)
+    assert stacked['rows'][0]['stacked']
 
 
 def test_each_seed_trains_on_its_own_set_as_a_lone_run_would(digits):
     """Seed k of a K-seed random baseline = a lone run with --seed and --set-seed both seed + k."""
     info, train, test = digits
-    both = run_evaluation(make_args(baseline='random', num_eval=2, no_stack=True), info, train, test, CPU, NOCTX)
+    both = run_evaluation(make_args(baseline='random', num_eval=2), info, train, test, CPU, NOCTX)
     alone = run_evaluation(make_args(baseline='random', seed=8, set_seed=8), info, train, test, CPU, NOCTX)
-    shared = run_evaluation(make_args(baseline='random', num_eval=2, no_stack=True, fixed_set=True), info, train,
-                            test, CPU, NOCTX)
+    shared = run_evaluation(make_args(baseline='random', num_eval=2, fixed_set=True), info, train, test, CPU,
+                            NOCTX)
     assert both['rows'][0]['top1'][1] == alone['rows'][0]['top1'][0]
     assert both['rows'][0]['test_curves'][1] == alone['rows'][0]['test_curves'][0]
     assert shared['rows'][0]['test_curves'][0] == both['rows'][0]['test_curves'][0]  # seed 7: set 7 either way
@@ -97,17 +100,16 @@ def test_each_seed_trains_on_its_own_set_as_a_lone_run_would(digits):
 
 
 def test_held_out_images_select_the_epoch_and_nothing_trains_on_them(digits, gen_ckpt, monkeypatch):
-    from utils import protocols
     info, train, test = digits
-    val, rest = protocols.hold_out(train, 10, 3)
+    val, rest = hold_out(train, 10, 3)
     assert len(val) == 30 and len(rest) == len(train) - 30
     assert torch.bincount(val.labels, minlength=10).tolist() == [3] * 10
     flat = lambda split: {tuple(x.flatten().tolist()) for x in split.images}  # noqa: E731
     assert not flat(val) & flat(rest)  # disjoint (digits has no duplicate images across these)
-    assert torch.equal(protocols.hold_out(train, 10, 3)[0].images, val.images)  # the same for every run
+    assert torch.equal(hold_out(train, 10, 3)[0].images, val.images)  # the same for every run
     drawn = []
-    original = protocols.random_subset_indices
-    monkeypatch.setattr(protocols, 'random_subset_indices',
+    original = validate.random_subset_indices
+    monkeypatch.setattr(validate, 'random_subset_indices',
                         lambda labels, *a, **k: drawn.append(len(labels)) or original(labels, *a, **k))
     report = run_evaluation(make_args(baseline='random', num_eval=2, epochs_eval=3, val_per_class=3), info, train,
                             test, CPU, NOCTX)
@@ -142,6 +144,16 @@ def test_storage_compares_the_generator_with_ipc_images(digits, gen_ckpt):
     assert rand['storage']['generator_parameters'] is None and rand['storage']['ipc_images_bytes_uint8'] == 78400
 
 
+def one_after_another(model_name, train_set, info, test, args, seeds):
+    """What validate.py does without --stack: seed_everything(seed), then train_on_set, per seed."""
+    runs = []
+    for seed in seeds:
+        seed_everything(seed)
+        model, result = train_on_set(model_name, *train_set, info, test, args, CPU, NOCTX)
+        runs.append({'seed': seed, **result, 'state_dict': {k: v.detach() for k, v in model.state_dict().items()}})
+    return runs
+
+
 def assert_same_runs(a, b, rtol, atol, num_test):
     assert [r['seed'] for r in a] == [r['seed'] for r in b]
     for s, r in zip(a, b):
@@ -153,19 +165,20 @@ def assert_same_runs(a, b, rtol, atol, num_test):
 
 
 def test_stacked_equals_separate_runs(digits, gen_ckpt):
-    """ConvNet (instance norm), float32: K=2 stacked == the two seeds trained one after another."""
+    """ConvNet (instance norm), float32: K=2 stacked (--stack) == the two seeds trained one after another."""
     info, train, test = digits
-    train_set = TrainSet(*draw_fixed_set(gen_ckpt[1], info, 1, seed=0, device=CPU), info, CPU)
+    train_set = draw_fixed_set(gen_ckpt[1], info, 1, seed=0, device=CPU)
     # 10 images, batch 4: three steps per epoch, the last one short; CutMix on about half of the steps;
     # two epochs, so the second runs at lr / 10
     args = make_args(epochs_eval=2, batch_size=4, mix_p=0.5, test_interval=2)
-    seeds = classifier_seeds(5, 2)
-    stacked, was_stacked = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, seeds, stack=True)
-    separate, was_separate = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, seeds, stack=False)
-    assert was_stacked and not was_separate
+    seeds = [5, 6]
+    outer = torch.get_rng_state()
+    stacked = train_stacked('convnet', [train_set] * 2, info, test, args, CPU, NOCTX, seeds)
+    assert torch.equal(torch.get_rng_state(), outer)  # the stacked trainings leave the global RNG as found
+    separate = one_after_another('convnet', train_set, info, test, args, seeds)
     assert_same_runs(stacked, separate, rtol=1e-4, atol=1e-5, num_test=len(test))
     # a seed's run does not depend on the other seeds trained with it
-    alone, _ = train_fixed('convnet', train_set, info, test, args, CPU, NOCTX, [seeds[1]], stack=False)
+    alone = one_after_another('convnet', train_set, info, test, args, [seeds[1]])
     for name, value in alone[0]['state_dict'].items():
         assert torch.equal(value, separate[1]['state_dict'][name]), name
     # and different seeds give different classifiers
@@ -179,17 +192,17 @@ def test_stacked_equals_separate_runs_batchnorm(digits, gen_ckpt):
     steps, so exactness is shown where rounding is negligible."""
     info, train, test = digits
     images, labels = draw_fixed_set(gen_ckpt[1], info, 1, seed=0, device=CPU)
-    train_set = TrainSet(images.double(), labels, info, CPU)
+    train_set = (images.double(), labels)
     args = make_args(epochs_eval=1, batch_size=4, mix_p=0.5)
-    seeds = classifier_seeds(5, 2)
+    seeds = [5, 6]
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        stacked, was_stacked = train_fixed('resnet10', train_set, info, test, args, CPU, NOCTX, seeds, stack=True)
-        separate, _ = train_fixed('resnet10', train_set, info, test, args, CPU, NOCTX, seeds, stack=False)
+        stacked = train_stacked('resnet10', [train_set] * 2, info, test, args, CPU, NOCTX, seeds)
+        separate = one_after_another('resnet10', train_set, info, test, args, seeds)
     finally:
         torch.set_default_dtype(default)
-    assert was_stacked and stacked[0]['state_dict']['fc.weight'].dtype == torch.float64
+    assert stacked is not None and stacked[0]['state_dict']['fc.weight'].dtype == torch.float64
     assert_same_runs(stacked, separate, rtol=1e-9, atol=1e-10, num_test=len(test))
     bn = 'stem.2.running_mean'
     assert stacked[0]['state_dict'][bn].abs().sum() > 0  # running statistics did update
@@ -231,11 +244,11 @@ def test_onthefly_single_seed_is_the_former_validation(digits, gen_ckpt):
     info, _, test = digits
     G = gen_ckpt[1]
     args = make_args(protocol='onthefly', epochs_eval=1, batch_size=10, ipc=1, mixup_net='none')
-    new = train_onthefly(G, 'convnet', info, test, args, CPU, NOCTX, classifier_seeds(args.seed, 1))[0]
+    new = run_evaluation(args, info, None, test, CPU, NOCTX, G=G)['rows'][0]
     seed_everything(args.seed)
     old = train_on_generator(G, 'convnet', info, test, args, CPU, NOCTX, extra_iteration=False)
-    assert new['seed'] == args.seed
-    assert (new['top1'], new['best_top1'], new['top5']) == (old['top1'], old['best_top1'], old['top5'])
+    assert new['seeds'] == [args.seed]
+    assert (new['top1'], new['best_top1'], new['top5']) == ([old['top1']], [old['best_top1']], [old['top5']])
 
 
 def test_validate_flag_errors(monkeypatch):
@@ -247,6 +260,9 @@ def test_validate_flag_errors(monkeypatch):
         validate.main()
     monkeypatch.setattr(sys, 'argv', ['validate.py', '--baseline', 'full', '--num-eval', '0'])
     with pytest.raises(UserError, match='--num-eval must be at least 1'):
+        validate.main()
+    monkeypatch.setattr(sys, 'argv', ['validate.py', '--baseline', 'full', '--stack', '--no-stack'])
+    with pytest.raises(UserError, match='contradict'):
         validate.main()
 
 

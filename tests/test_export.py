@@ -15,7 +15,7 @@ from data.datasets import DATASETS
 from tests.helpers import save_tiny_generator
 from tests.official import save_official
 from data.errors import UserError
-from utils.protocols import draw_fixed_set, file_sha256
+from validate import draw_fixed_set, file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 INFO = DATASETS['digits']

@@ -202,7 +202,7 @@ def test_batch_mode_tests_in_train_mode_on_test_batches_of_the_batch_size():
                               bn='batch', batch_size=b)[0] for b in (7, 32, 70)}
     assert len(outcomes) > 1
     # stacked models test the same way as one model alone
-    group = ClassifierGroup([fresh().train(), create_model('resnet10', 10, 3, 32)], stacked=True)
+    group = ClassifierGroup([fresh().train(), create_model('resnet10', 10, 3, 32)])
     top1, _ = group_test(group, split, INFO, torch.device('cpu'), torch.autocast('cpu', enabled=False),
                          bn='batch', batch_size=32)
     assert top1[0] == pytest.approx(batch32)

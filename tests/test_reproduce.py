@@ -13,7 +13,7 @@ from data.datasets import load_dataset
 from misc import reproduce
 from misc.results import BEGIN, END, TAG, collect
 from tests.helpers import ROOT, eval_args, save_tiny_generator
-from utils.protocols import run_evaluation
+from validate import run_evaluation
 
 CPU = torch.device('cpu')
 NOCTX = torch.autocast('cpu', enabled=False)

@@ -1,4 +1,8 @@
-"""DiM's validation: train classifiers only on images the generator draws on the fly, test on real data."""
+"""Classifiers trained on what a generator makes and tested on real data: the stage validations of
+stages 1 and 2 (`validate`, on images drawn on the fly), validate.py's two protocols
+(`train_on_generator`, `train_on_set`), and the pieces they and pool_match.py share (the classifier,
+its SGD, one step, the test)."""
+import math
 import time
 
 import numpy as np
@@ -6,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from data.datasets import TEST_BATCH, normalize, test_batches, to_classifier_input
+from data.errors import Interrupted
 from models import create_model, generate
 from utils.augment import cutmix, make_augment
-from data.errors import Interrupted
-from utils.runtime import FastPath, backward_step
+from utils.runtime import FastPath, backward_step, make_scaler
 
 
 def classifier_optimizer(params, args, fast=None, lr=None):
@@ -27,9 +31,11 @@ def build_classifier(name, info, device, fast=None):
 
 def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
     """One SGD step on cross-entropy; `mix` = (labels_b, lam) from CutMix: lam * CE(labels) +
-    (1 - lam) * CE(labels_b). Returns the loss as a device tensor."""
+    (1 - lam) * CE(labels_b), in float32 at least (float64 under a float64 default dtype). Returns
+    the loss as a device tensor."""
     with ctx:
-        logits = model(images).float()
+        logits = model(images)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits, labels)
         if mix is not None:
             labels_b, lam = mix
@@ -69,7 +75,9 @@ def test(model, test_split, info, device, ctx, bn='running', batch_size=TEST_BAT
 
 def count_correct(forward, test_split, info, device, ctx, batch_size):
     """Top-1 and top-5 hits of `forward` over the split, as float32 device tensors: 0-dim for one
-    model's logits [B, classes], [K] for K models' [K, B, classes] (utils/stacking.group_test)."""
+    model's logits [B, classes], [K] for K models' [K, B, classes] (utils/stacking.group_test). The
+    fixed-set protocol turns them into percentages in float32 on the device (`train_on_set`), `test`
+    in float64."""
     k = min(5, info.num_classes)
     correct1 = correct5 = None
     for images, labels in test_batches(test_split, device, batch_size):
@@ -195,6 +203,51 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     result = tests.result(0)
     del result['test_curve']  # the stage validations and eval.json record no on-the-fly curves
     return {**result, 'iters_per_epoch': iters, 'seconds': time.time() - start}
+
+
+def train_on_set(model_name, images, labels, info, test_split, args, device, ctx, runlog=None, val_split=None):
+    """Train one fresh classifier on the fixed set (images, labels) -- validate.py's --protocol fixed
+    and its baselines -- and test it on the real test set (and on `val_split`, held-out real images,
+    when given). Generated images come float32 and normalised, real ones uint8, normalised per batch
+    exactly as the test images are.
+
+    Recipe: SGD (classifier_optimizer), lr x0.1 after the first half of --epochs-eval epochs; each
+    epoch shuffles the set and walks it in minibatches of --batch-size (the last one may be smaller);
+    DSA augmentation per sample (--aug-type, without cutout when --mixup-net cut) and CutMix with
+    probability --mix-p. Tests every --test-interval epochs and after the last. Every random draw
+    (initialisation, order, augmentation, CutMix) comes from the global RNGs: the caller seeds them.
+    Returns the trained model and its test record (PeriodicTests.result).
+    """
+    model = build_classifier(model_name, info, device)
+    opt = classifier_optimizer(model.parameters(), args)
+    scaler = make_scaler(getattr(args, 'amp', 'off'), device)
+    augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+    tests = PeriodicTests(1, args, held_out=val_split is not None)
+    n, B, epochs = len(labels), args.batch_size, args.epochs_eval
+    bar = runlog.progress(range(epochs), desc=f'{model_name}') if runlog is not None else range(epochs)
+    model.train()
+    for epoch in bar:
+        for group in opt.param_groups:
+            group['lr'] = args.eval_lr if epoch < (epochs + 1) // 2 else args.eval_lr * 0.1
+        order = torch.randperm(n)
+        for step in range(math.ceil(n / B)):
+            idx = order[step * B:(step + 1) * B].to(images.device)
+            x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = to_classifier_input(x, info)
+            x, y, mix = maybe_cutmix(augment(x), y, args)
+            classifier_step(model, opt, x, y, ctx, scaler, mix)
+        if tests.due(epoch):
+            # top-1 and top-5 (%) computed in float32 on the device, as the fixed protocol's reports
+            # always have (`test` rounds in float64)
+            model.train(args.test_bn == 'batch')
+            acc = [(100.0 * torch.stack(count_correct(model, split, info, device, ctx, test_batch_size(args)))
+                    / len(split)).tolist() for split in (test_split, val_split) if split is not None]
+            model.train()
+            tests.record(epoch, [acc[0][0]], [acc[0][1]], [acc[1][0]] if val_split is not None else None)
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(top1=f'{acc[0][0]:.2f}')
+    return model, tests.result(0)
 
 
 def validate(G, info, test_split, args, device, ctx, runlog, step, extra_iteration=True, stop=None):

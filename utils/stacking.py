@@ -1,10 +1,11 @@
-"""K classifiers of one architecture trained as one (the fixed protocol's --num-eval seeds).
+"""Speed machinery, opt-in (validate.py --stack): the K classifiers of one architecture of the fixed
+protocol (--num-eval K) trained as one.
 
 Their parameters are stacked (`torch.func.stack_module_state`) and one vmapped `functional_call` runs
 all K per step, while every random draw of model k (initialisation, data order, augmentation, CutMix)
-comes from model k's own saved RNG state (`RngSlots`). The result equals K separate runs up to float
-rounding (tests/test_evaluate.py checks it). `train_group` is the loop; with `stacked=False` it
-trains one plain model the same way, which is what the stacked one is tested against.
+comes from model k's own saved RNG state (`RngSlots`). The result equals K runs of
+utils.evaluate.train_on_set one after another up to float rounding (tests/test_evaluate.py checks
+it). The interface is `train_stacked`; without --stack nothing here runs.
 """
 import copy
 import math
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import TEST_BATCH
+from data.datasets import TEST_BATCH, to_classifier_input
 from utils.augment import make_augment
 from utils.evaluate import (PeriodicTests, build_classifier, classifier_optimizer, count_correct, maybe_cutmix,
                             test_batch_size)
@@ -66,59 +67,46 @@ class RngSlots:
 class ClassifierGroup:
     """K classifiers of one architecture seen as one: `forward(x [K, B, ...]) -> [K, B, classes]`.
 
-    stacked=True: parameters and buffers stacked along a new first dimension; one vmapped
-    functional_call runs all K. BatchNorm needs no patching: its running statistics are stacked
-    buffers too, vmapped along the same dimension, so each model's in-place running-stat update
-    writes its own slice (exactly what a lone BatchNorm does). stacked=False: a single plain module
-    (K = 1), the reference implementation the stacked one is tested against.
+    Parameters and buffers stacked along a new first dimension; one vmapped functional_call runs all
+    K. BatchNorm needs no patching: its running statistics are stacked buffers too, vmapped along the
+    same dimension, so each model's in-place running-stat update writes its own slice (exactly what a
+    lone BatchNorm does).
     """
 
-    def __init__(self, models, stacked):
-        self.stacked = stacked
-        if stacked:
-            params, buffers = torch.func.stack_module_state(models)
-            self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            self.buffers = buffers
-            self.base = copy.deepcopy(models[0]).to('meta')  # structure only; tensors come from the stacks
+    def __init__(self, models):
+        params, buffers = torch.func.stack_module_state(models)
+        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers
+        self.base = copy.deepcopy(models[0]).to('meta')  # structure only; tensors come from the stacks
 
-            def call(p, b, x):
-                return torch.func.functional_call(self.base, (p, b), (x,))
-            self._train_fn = torch.func.vmap(call, in_dims=(0, 0, 0))
-            self._test_fn = torch.func.vmap(call, in_dims=(0, 0, None))
-        else:
-            if len(models) != 1:
-                raise ValueError("an unstacked group holds one model")
-            self.model = models[0]
+        def call(p, b, x):
+            return torch.func.functional_call(self.base, (p, b), (x,))
+        self._train_fn = torch.func.vmap(call, in_dims=(0, 0, 0))
+        self._test_fn = torch.func.vmap(call, in_dims=(0, 0, None))
 
     def __len__(self):
-        return len(next(iter(self.params.values()))) if self.stacked else 1
+        return len(next(iter(self.params.values())))
 
     @property
     def dtype(self):
         return self.parameters()[0].dtype
 
     def parameters(self):
-        return list(self.params.values()) if self.stacked else list(self.model.parameters())
+        return list(self.params.values())
 
     def train(self, mode=True):
-        (self.base if self.stacked else self.model).train(mode)
+        self.base.train(mode)
 
     def forward(self, x):
         """x: [K, B, C, H, W], one batch per model."""
-        if self.stacked:
-            return self._train_fn(self.params, self.buffers, x)
-        return self.model(x[0]).unsqueeze(0)
+        return self._train_fn(self.params, self.buffers, x)
 
     def forward_shared(self, x):
         """x: [B, C, H, W], the same batch for every model (testing)."""
-        if self.stacked:
-            return self._test_fn(self.params, self.buffers, x)
-        return self.model(x).unsqueeze(0)
+        return self._test_fn(self.params, self.buffers, x)
 
     def state_dicts(self):
-        """Per-model state dicts (detached; views into the stacks when stacked)."""
-        if not self.stacked:
-            return [{k: v.detach() for k, v in self.model.state_dict().items()}]
+        """Per-model state dicts (detached views into the stacks)."""
         return [{**{n: p[k].detach() for n, p in self.params.items()},
                  **{n: b[k] for n, b in self.buffers.items()}} for k in range(len(self))]
 
@@ -129,7 +117,7 @@ def can_stack(model_name, info, device, ctx):
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             models = [build_classifier(model_name, info, device) for _ in range(2)]
-        group = ClassifierGroup(models, stacked=True)
+        group = ClassifierGroup(models)
         x = torch.zeros(2, 2, info.channels, info.img_size, info.img_size, device=device)
         with ctx:
             out = group.forward(x)
@@ -165,17 +153,18 @@ def group_test(group, test_split, info, device, ctx, bn='running', batch_size=TE
     return (100.0 * c1 / n).tolist(), (100.0 * c5 / n).tolist()
 
 
-def lr_at(epoch, epochs, lr):
-    """The fixed-set schedule: `lr` for the first ceil(epochs / 2) epochs, lr / 10 after."""
-    return lr if epoch < (epochs + 1) // 2 else lr * 0.1
-
-
-def train_group(model_name, train_sets, info, test_split, args, device, ctx, seeds, stacked, runlog=None,
-                val_split=None):
-    """Train one classifier per seed, model k on `train_sets[k]` (all of one size), stacked or (one
-    seed) plain, with the fixed-set recipe of utils.protocols.train_fixed. Returns one result per seed."""
-    K, n, B = len(seeds), len(train_sets[0]), args.batch_size
-    if any(len(t) != n for t in train_sets):
+def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, seeds, runlog=None,
+                  val_split=None):
+    """Train one classifier per seed, model k on `train_sets[k]` ((images, labels), all of one size),
+    all K stacked, with the recipe of utils.evaluate.train_on_set. Returns one result per seed (with
+    its `state_dict`), or None, after one printed line, when vmap cannot run this architecture (the
+    caller then trains the seeds one after another)."""
+    ok, why = can_stack(model_name, info, device, ctx)
+    if not ok:
+        print(f"  [{model_name}] cannot train the {len(seeds)} seeds stacked ({why}); one after another")
+        return None
+    K, n, B = len(seeds), len(train_sets[0][1]), args.batch_size
+    if any(len(labels) != n for _, labels in train_sets):
         raise ValueError("stacked trainings walk their sets in step: the sets must have one size")
     epochs = args.epochs_eval
     slots = RngSlots(seeds, device)
@@ -184,7 +173,7 @@ def train_group(model_name, train_sets, info, test_split, args, device, ctx, see
         for k in range(K):
             with slots.use(k):  # initialised on the CPU from seed_k, as a lone run would
                 models.append(build_classifier(model_name, info, device))
-        group = ClassifierGroup(models, stacked)
+        group = ClassifierGroup(models)
         opt = classifier_optimizer(group.parameters(), args)
         scaler = make_scaler(getattr(args, 'amp', 'off'), device)
         augment = make_augment(args.aug_type, args.mixup_net, batch=False)
@@ -195,16 +184,20 @@ def train_group(model_name, train_sets, info, test_split, args, device, ctx, see
         group.train(True)
         for epoch in bar:
             for g in opt.param_groups:
-                g['lr'] = lr_at(epoch, epochs, args.eval_lr)
+                g['lr'] = args.eval_lr if epoch < (epochs + 1) // 2 else args.eval_lr * 0.1
             orders = []
             for k in range(K):
                 with slots.use(k):
                     orders.append(torch.randperm(n))
             for step in range(math.ceil(n / B)):
                 xs, ya, yb, lam = [], [], [], []
-                for k in range(K):
+                for k, (images, labels) in enumerate(train_sets):
                     with slots.use(k):
-                        x, y = train_sets[k].batch(orders[k][step * B:(step + 1) * B])
+                        idx = orders[k][step * B:(step + 1) * B].to(images.device)
+                        x = images[idx].to(device, non_blocking=True)
+                        y = labels[idx].to(device, non_blocking=True)
+                        if x.dtype == torch.uint8:
+                            x = to_classifier_input(x, info)
                         x, y, mix = maybe_cutmix(augment(x), y, args)
                     y_b, lam_k = mix if mix is not None else (y, 1.0)
                     xs.append(x)
