@@ -134,7 +134,9 @@ class Reproduction:
             return
         self.timed(key, run('validate.py', *self.common, '--tag', f'{self.prefix}-{tag}', *self.eval_flags(),
                             '--num-eval', e['num_eval'], '--val-per-class', e['val_per_class'],
-                            '--eval-model', *self.models, *flags, log=self.log))
+                            # --stack: the published rows trained their seeds stacked (the same numbers
+                            # up to float rounding as one after another; this keeps reruns bit-identical)
+                            '--stack', '--eval-model', *self.models, *flags, log=self.log))
 
     def all(self):
         print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")
