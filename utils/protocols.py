@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import Split, normalize, to_classifier_input
+from data.datasets import Split, normalize, seed_of_test_order, to_classifier_input
 from utils.errors import UserError
 from utils.evaluate import test_batch_size, train_on_generator
 from utils.runtime import hardware, seed_everything
@@ -322,6 +322,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             'test_interval': args.test_interval,
             'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
         },
+        'test_order_seed': seed_of_test_order(info.name),
         'accuracy_keys': {
             'top1': 'top-1 (%) on the real test set after the last epoch',
             'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
