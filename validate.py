@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import Split, normalize, resolve_data
+from data.datasets import Split, normalize, resolve_data, seed_of_test_order
 from data.errors import UserError
 from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
 from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
@@ -251,6 +251,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             'test_interval': args.test_interval,
             'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
         },
+        'test_order_seed': seed_of_test_order(info.name),
         'accuracy_keys': {
             'top1': 'top-1 (%) on the real test set after the last epoch',
             'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '

@@ -3,7 +3,9 @@
 Every split is loaded once into memory as a uint8 tensor [N, C, H, W] plus int64 labels, exactly the
 pixels torchvision's ToTensor would see (times 255). Batches are then shuffled, converted and
 normalised on the training device (`BatchStream`), so no worker processes are spawned per pass and
-the numbers equal the reference's ToTensor + Normalize pipeline.
+the numbers equal the reference's ToTensor + Normalize pipeline. Test sets are read in their dataset's
+order, except an image folder's, which is read in one fixed, seeded, class-mixed order
+(IMAGEFOLDER_TEST_ORDER_SEED).
 """
 import functools
 import json
@@ -172,10 +174,33 @@ def _load_imagefolder(data_dir, img_size, num_workers=4):
     channels = 3 if any(t.shape[0] == 3 for t in splits['train'][0]) else 1
     train, test = (Split(torch.stack([t.expand(channels, -1, -1) for t in imgs]), torch.tensor(labs))
                    for imgs, labs in (splits['train'], splits['test']))
+    test = _class_mixed(test)
     mean, std = _cached_stats(data_dir, train.images, img_size)
     info = DatasetInfo(IMAGEFOLDER, channels, img_size, len(classes), mean, std,
                        'cifar' if img_size <= 32 else 'imagenet')
     return info, train, test
+
+
+# The seed of the one order an image folder's test set is read in (recorded in eval.json as
+# `test_order_seed`). A folder lists its test images class by class; unshuffled, a test batch then holds
+# one class, and the official test mode (BatchNorm in train mode on each test batch) normalises away
+# what tells the classes apart. torchvision's test sets are not class-ordered, so the official code
+# never met this: a fixed, seeded, class-mixed order gives the official test mode on a folder the
+# meaning it has on torchvision data, and the same batches in every run.
+IMAGEFOLDER_TEST_ORDER_SEED = 0
+
+
+def seed_of_test_order(name):
+    """The seed of the order `load_dataset(name)` reads the test set in: IMAGEFOLDER_TEST_ORDER_SEED for
+    image folders, None for datasets read in their own (already mixed) order."""
+    return IMAGEFOLDER_TEST_ORDER_SEED if name == IMAGEFOLDER else None
+
+
+def _class_mixed(split):
+    """The split in one fixed random order, drawn from a generator seeded IMAGEFOLDER_TEST_ORDER_SEED
+    (the same folder gives the same order in every run, on every machine)."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(IMAGEFOLDER_TEST_ORDER_SEED))
+    return Split(split.images[order].contiguous(), split.labels[order])
 
 
 def _read_image(path, img_size):

@@ -6,9 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data.datasets import (DATASETS, BatchStream, load_dataset, to_classifier_input, to_gan_range)
-from tests.helpers import SHARED_DATASETS
+from conftest import make_imagefolder
+from data.datasets import (DATASETS, IMAGEFOLDER_TEST_ORDER_SEED, BatchStream, load_dataset, to_classifier_input,
+                           to_gan_range)
+from data.datasets import test_batches as read_test_batches  # (a name pytest does not collect)
+from tests.helpers import SHARED_DATASETS, eval_args
 from data.errors import UserError
+from validate import run_evaluation
+
+CPU = torch.device('cpu')
 
 
 def test_digits_is_real_balanced_data_with_table_statistics():
@@ -74,6 +80,41 @@ def test_imagefolder_grayscale_28(tmp_path):
     _make_tree(tmp_path, ['a', 'b'], 3, mode='L', size=28)
     info, train, _ = load_dataset('imagefolder', str(tmp_path), img_size=28)
     assert (info.channels, info.img_size, info.num_classes) == (1, 28, 2)
+
+
+def test_imagefolder_test_set_is_read_in_one_fixed_class_mixed_order(tmp_path):
+    """A folder lists its test images class by class; read so, every test batch of a class's size would
+    hold one class, and the official test mode (BatchNorm on each test batch) would normalise it away.
+    The test set comes in one seeded random order instead: batches hold several classes, every load
+    gives the same order, and each image keeps its own label."""
+    classes, per_class, batch = 4, 16, 16
+    make_imagefolder(tmp_path, classes=classes, train=2, test=per_class)
+    _, train, test = load_dataset('imagefolder', str(tmp_path), img_size=28)
+    assert torch.bincount(test.labels).tolist() == [per_class] * classes
+    assert train.labels.tolist() == sorted(train.labels.tolist())  # training order is drawn elsewhere
+    batches = [labels for _, labels in read_test_batches(test, CPU, batch)]
+    assert len(batches) == classes
+    assert all(len(labels.unique()) >= 3 for labels in batches), [b.tolist() for b in batches]
+    # each image went with its label: class c's pixels are about 30 + c * 190 / 3 bright (make_imagefolder)
+    brightness = test.images.float().mean(dim=(1, 2, 3))
+    assert torch.equal(((brightness - 30) / (190 / (classes - 1))).round().long(), test.labels)
+    _, _, again = load_dataset('imagefolder', str(tmp_path), img_size=28)
+    assert torch.equal(again.labels, test.labels) and torch.equal(again.images, test.images)
+    expected = torch.randperm(classes * per_class, generator=torch.Generator().manual_seed(IMAGEFOLDER_TEST_ORDER_SEED))
+    assert torch.equal(test.labels, expected // per_class)  # the named seed's permutation of the class-by-class list
+
+
+def test_eval_json_records_the_test_order_seed(tmp_path):
+    make_imagefolder(tmp_path, classes=3, train=4, test=4)
+    info, train, test = load_dataset('imagefolder', str(tmp_path), img_size=28)
+    report = run_evaluation(eval_args(baseline='random', epochs_eval=1), info, train, test, CPU,
+                            torch.autocast('cpu', enabled=False))
+    assert report['test_order_seed'] == IMAGEFOLDER_TEST_ORDER_SEED
+    info, train, test = load_dataset('digits')
+    test = type(test)(test.images[:20], test.labels[:20])
+    report = run_evaluation(eval_args(baseline='random', epochs_eval=1), info, train, test, CPU,
+                            torch.autocast('cpu', enabled=False))
+    assert report['test_order_seed'] is None  # read in the dataset's own order
 
 
 @pytest.mark.parametrize('classes', [[], ['only']])

@@ -113,6 +113,30 @@ def test_compare_prints_reports_under_one_header(reports):
     assert out.count('| method |') == 1 and '| random | fixed |' in out and '| dim | fixed |' in out
 
 
+def test_compare_brief_puts_the_conditioning_beside_the_rows_of_its_generator(reports, tmp_path):
+    """The quick start's table: one row per report, one column per classifier, the distinct images each
+    training saw, and a misc/diagnose.py report's conditioning on the rows of its checkpoint only."""
+    root, made = reports
+    dim = made['dim-s12-fixed-ipc1']
+    diagnose = tmp_path / 'diagnose.json'
+    diagnose.write_text(json.dumps({'checkpoint': dim['generator_checkpoint'],
+                                    'G_eval_mode': {'conditioning_top1': 93.25}}))
+    paths = [str(root / f'repro-digits-cpu-{t}' / 'eval.json') for t in ('dim-s12-fixed-ipc1', 'random-ipc1')]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'compare.py'), '--brief', *paths,
+                          '--diagnose', str(diagnose)], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 4 and '| G draws the asked class (judge) | convnet |' in lines[0]
+    dim_mean, dim_std = dim['rows'][0]['top1_mean'], dim['rows'][0]['top1_std']
+    assert lines[2] == (f'| DiM, fixed set of 1 per class | 10 generated | running | 93.2% '
+                        f'| {dim_mean:.1f} ± {dim_std:.1f} |')
+    assert lines[3].startswith('| random real subset, 1 per class | 10 real | running | – | ')
+    onthefly = {**dim, 'protocol': 'onthefly', 'train_images': None, 'ipc': 50, 'test_bn': 'batch',
+                'recipe': {**dim['recipe'], 'epochs_eval': 30, 'batch_size': 64}}
+    from misc.compare import brief_table
+    row = brief_table([onthefly]).splitlines()[2]
+    assert row.startswith("| DiM, on the fly (the paper's protocol) | 13,440 generated | batch |")  # 30 x 7 x 64
+
+
 def _record_runs(tmp_path, monkeypatch, stage1_final):
     """Replace the scripts by a recorder that leaves each step's finished file under tmp_path/results;
     returns the list of (script, flags) it fills."""
