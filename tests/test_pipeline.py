@@ -8,7 +8,8 @@ from PIL import Image
 
 from tests.helpers import TINY, run_script
 
-# width 32 at lr 1e-3 makes the generator class-conditional in 10 epochs (about a minute on 2 cores)
+# width 32 at lr 1e-3 for 10 epochs: the stages chained in about a minute on 2 cores (too short for the generator
+# to become class-conditional, about 25% by misc/diagnose.py; the quick start runs a longer schedule)
 STAGE1_EPOCHS = 10
 WIDTH = 32
 
