@@ -183,9 +183,9 @@ def test_translate_moves_columns_only(batch):
 
 def test_translate_fills_zeros_from_the_side():
     x = torch.arange(1.0, 9.0).view(1, 1, 1, 8).expand(1, 1, 3, 8).contiguous()
-    y = augment_module._shift_cols(x, torch.tensor([[2]]))
+    y = augment_module._shift(x, torch.tensor([[2]]), 3)
     assert torch.equal(y[0, 0, 0], torch.tensor([0.0, 0, 1, 2, 3, 4, 5, 6]))
-    y = augment_module._shift_cols(x, torch.tensor([[-3]]))
+    y = augment_module._shift(x, torch.tensor([[-3]]), 3)
     assert torch.equal(y[0, 0, 2], torch.tensor([4.0, 5, 6, 7, 8, 0, 0, 0]))
 
 

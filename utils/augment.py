@@ -55,11 +55,6 @@ def _uniform(x: Tensor, batch: bool, low: float, high: float, shape: Sequence[in
     return (low + (high - low) * u).to(x.dtype)
 
 
-def _randint(x: Tensor, batch: bool, low: int, high: int) -> Tensor:
-    """Integers in [low, high) of shape [n, 1]."""
-    return torch.randint(low, high, (1 if batch else x.shape[0], 1), device=x.device)
-
-
 # ---------------------------------------------------------------------------
 # colour
 # ---------------------------------------------------------------------------
@@ -82,55 +77,47 @@ def rand_contrast(x: Tensor, batch: bool) -> Tensor:
 # integer shifts: pad one zero row/column and clamp indices onto it, so every
 # pixel shifted in from outside the image reads a zero; gather keeps it
 # vectorised (and its backward is a scatter-add, i.e. still differentiable).
+# Integer offsets are drawn with torch.randint, [n, 1], n = 1 in batch mode.
 # ---------------------------------------------------------------------------
-def _shift_rows(x: Tensor, dy: Tensor) -> Tensor:
-    """out[..., i, :] = x[..., i - dy, :] (zeros outside); dy: [n, 1] ints, n in {1, B}."""
-    B, C, H, W = x.shape
-    padded = F.pad(x, [0, 0, 1, 1])
-    rows = (torch.arange(H, device=x.device) - dy + 1).clamp(0, H + 1)          # [n, H]
-    index = rows.view(-1, 1, H, 1).expand(B, C, H, W)
-    return padded.gather(2, index)
-
-
-def _shift_cols(x: Tensor, dx: Tensor) -> Tensor:
-    """out[..., :, j] = x[..., :, j - dx] (zeros outside); dx: [n, 1] ints, n in {1, B}."""
-    B, C, H, W = x.shape
-    padded = F.pad(x, [1, 1])
-    cols = (torch.arange(W, device=x.device) - dx + 1).clamp(0, W + 1)          # [n, W]
-    index = cols.view(-1, 1, 1, W).expand(B, C, H, W)
-    return padded.gather(3, index)
+def _shift(x: Tensor, d: Tensor, dim: int) -> Tensor:
+    """out[..., i, ...] = x[..., i - d, ...] along `dim` (2: rows, 3: columns), zeros shifted in from
+    outside; d: [n, 1] ints, n in {1, B}."""
+    size = x.shape[dim]
+    padded = F.pad(x, [1, 1] if dim == 3 else [0, 0, 1, 1])
+    index = (torch.arange(size, device=x.device) - d + 1).clamp(0, size + 1)     # [n, size]
+    index = index.view(-1, 1, size, 1) if dim == 2 else index.view(-1, 1, 1, size)
+    return padded.gather(dim, index.expand(x.shape))
 
 
 def rand_crop(x: Tensor, batch: bool) -> Tensor:
+    n = 1 if batch else x.shape[0]
     s_h, s_w = int(x.shape[2] * CROP_RATIO + 0.5), int(x.shape[3] * CROP_RATIO + 0.5)  # rounded
-    dy = _randint(x, batch, -s_h, s_h + 1)
-    dx = _randint(x, batch, -s_w, s_w + 1)
-    return _shift_cols(_shift_rows(x, dy), dx)
+    dy = torch.randint(-s_h, s_h + 1, (n, 1), device=x.device)
+    dx = torch.randint(-s_w, s_w + 1, (n, 1), device=x.device)
+    return _shift(_shift(x, dy, 2), dx, 3)
 
 
 def rand_translate(x: Tensor, batch: bool) -> Tensor:
     # width (last) axis only, by an integer in [-s, s], s = round(0.125 * W)
     s = int(x.shape[3] * CROP_RATIO + 0.5)
-    return _shift_cols(x, _randint(x, batch, -s, s + 1))
+    return _shift(x, torch.randint(-s, s + 1, (1 if batch else x.shape[0], 1), device=x.device), 3)
 
 
 # ---------------------------------------------------------------------------
 # cutout: a mask built by comparisons instead of scattering a box per image
 # ---------------------------------------------------------------------------
-def _box_mask(size: int, start: Tensor, length: int) -> Tensor:
-    """[n, size] bool, True on [start, start + length) -- clipping to the image is implicit."""
-    pos = torch.arange(size, device=start.device)
-    return (pos >= start) & (pos < start + length)
-
-
 def rand_cutout(x: Tensor, batch: bool) -> Tensor:
     B, C, H, W = x.shape
+    n = 1 if batch else B
     c_h, c_w = int(H * CUTOUT_RATIO + 0.5), int(W * CUTOUT_RATIO + 0.5)
     # the centre range matches DSA: [0, size + (1 - c % 2))
-    cy = _randint(x, batch, 0, H + (1 - c_h % 2))
-    cx = _randint(x, batch, 0, W + (1 - c_w % 2))
-    rows = _box_mask(H, cy - c_h // 2, c_h)                                     # [n, H]
-    cols = _box_mask(W, cx - c_w // 2, c_w)                                     # [n, W]
+    cy = torch.randint(0, H + (1 - c_h % 2), (n, 1), device=x.device)
+    cx = torch.randint(0, W + (1 - c_w % 2), (n, 1), device=x.device)
+    # the box [centre - c // 2, centre - c // 2 + c) per axis; clipping to the image is implicit
+    top, left = cy - c_h // 2, cx - c_w // 2
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    rows = (rows >= top) & (rows < top + c_h)                                   # [n, H]
+    cols = (cols >= left) & (cols < left + c_w)                                 # [n, W]
     keep = ~(rows[:, :, None] & cols[:, None, :])                               # [n, H, W]
     return x * keep[:, None].to(x.dtype)
 

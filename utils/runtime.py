@@ -159,12 +159,6 @@ def make_scaler(amp, device):
     return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
-def scale_value(scaler, device):
-    """The scaler's current scale as a 0-dim device tensor, read without a host sync (get_scale()
-    would call .item())."""
-    return scaler.scale(torch.ones((), device=device))
-
-
 def backward_step(loss, opt, scaler):
     """Zero the gradients, backward, optimizer step, through the loss scaler (a disabled one: plain
     backward and step).
