@@ -99,8 +99,9 @@ def rand_crop(x: Tensor, batch: bool) -> Tensor:
 
 def rand_translate(x: Tensor, batch: bool) -> Tensor:
     # width (last) axis only, by an integer in [-s, s], s = round(0.125 * W)
+    n = 1 if batch else x.shape[0]
     s = int(x.shape[3] * CROP_RATIO + 0.5)
-    return _shift(x, torch.randint(-s, s + 1, (1 if batch else x.shape[0], 1), device=x.device), 3)
+    return _shift(x, torch.randint(-s, s + 1, (n, 1), device=x.device), 3)
 
 
 # ---------------------------------------------------------------------------
