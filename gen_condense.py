@@ -37,7 +37,7 @@ from utils.run import GanRun
 
 
 def get_parser():
-    p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=150, lr=1e-4)
+    p = stage_parser(__doc__.splitlines()[0], batch_size=128, epochs=150, lr=1e-4, resumable=True)
     add_resume_flags(p, save_every=2000)
     distributed.add_flags(p)
     return p

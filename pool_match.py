@@ -16,7 +16,7 @@ from data.datasets import normalize, to_gan_range
 from gen_condense import critic_frozen, discriminator_step, generator_loss, optimizer_step
 from models import list_models
 from utils import distributed
-from utils.augment import MATCH_LOSSES, logit_match_loss, make_augment, upcast
+from utils.augment import MATCH_LOSSES, DiffAug, logit_match_loss, upcast
 from utils.checkpoint import LAST
 from utils.cli import (add_cuda_graphs_flag, add_match_flags, add_resume_flags, check_flags as check_stage_flags,
                        run, stage_parser)
@@ -30,7 +30,7 @@ POOL = ['convnet', 'resnet10', 'resnet18', 'resnet10_ap', 'resnet18_ap']
 
 
 def get_parser():
-    p = stage_parser(__doc__.splitlines()[0], batch_size=64, epochs=100, lr=5e-6, matching=True)
+    p = stage_parser(__doc__.splitlines()[0], batch_size=64, epochs=100, lr=5e-6, matching=True, resumable=True)
     g = add_match_flags(p, acting=True)
     g.add_argument('--match', default='logit', choices=('logit', 'feat', 'grad'),
                    help="what the pool model compares (the official parser's default was 'grad'; the "
@@ -49,7 +49,7 @@ def get_parser():
 
 def pool_train_augment(args):
     """The per-sample augmentation of the pool model's training batches."""
-    return make_augment(args.aug_type, args.mixup_net, batch=False)
+    return DiffAug(args.aug_type, mixup_net=args.mixup_net)
 
 
 class Pool:
@@ -60,7 +60,7 @@ class Pool:
     def __init__(self, args, info, fast, train_stream, ctx, saved=None, where=None):
         self.args, self.info, self.fast, self.train_stream, self.ctx = args, info, fast, train_stream, ctx
         self.train_aug = pool_train_augment(args)
-        self.match_aug = make_augment(args.aug_type, args.mixup_net, batch=True)
+        self.match_aug = DiffAug(args.aug_type, batch=True)
         self.name = self.model = self.net = self.opt = None
         self.scaler = fast.scaler()
         # the pool steps, replayed from a CUDA graph with --cuda-graphs (one capture per pool model)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.datasets import Split, normalize, resolve_data, seed_of_test_order
+from data.datasets import Split, normalize, resolve_data
 from data.errors import UserError
 from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
 from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
-from utils.evaluate import default_test_bn, iterations_per_epoch, test_batch_size, train_on_generator, train_on_set
+from utils.evaluate import DEFAULT_TEST_BN, iterations_per_epoch, test_batch_size, train_on_generator, train_on_set
 from utils.run import RunLog
 from utils.runtime import autocast, hardware, resolve_amp, seed_everything, select_device, setup_backend
 from utils.stacking import train_stacked
@@ -97,7 +97,7 @@ def main():
     args = get_parser().parse_args()
     check_flags(args)
     args.protocol = args.protocol or ('fixed' if args.baseline else 'onthefly')
-    args.test_bn = args.test_bn or default_test_bn(args.protocol)
+    args.test_bn = args.test_bn or DEFAULT_TEST_BN[args.protocol]
     # with a baseline a given checkpoint only supplies the default dataset
     ckpt = load_checkpoint(args.pretrain_weight) if args.pretrain_weight else None
     device = select_device(args.device)
@@ -123,7 +123,7 @@ def main():
     try:
         report = run_evaluation(args, info, train_split, test_split, device, autocast(args.amp, device), G=G,
                                 checkpoint=args.pretrain_weight or None, runlog=runlog)
-        path = runlog.path(REPORT)
+        path = os.path.join(runlog.results_dir, REPORT)
         write_json(report, path)
         print('\n' + markdown_table(report))
         print(f"\n(final: after the last epoch; best: the highest of the periodic tests, selected on the "
@@ -217,6 +217,10 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
                             f'Eval/{method}/{protocol}/{name}/best_top1': row['best_top1_mean']}, 0)
 
     params = sum(p.numel() for p in G.parameters()) if method == 'dim' else None
+    sha256 = None
+    if checkpoint and method == 'dim':
+        with open(checkpoint, 'rb') as f:
+            sha256 = hashlib.sha256(f.read()).hexdigest()
     ipc = None if method == 'full' else args.ipc
     fixed = protocol == 'fixed' and method != 'full'
     return {
@@ -242,7 +246,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'set_seeds': set_seeds if fixed else None,
         'fixed_set': fixed_set if fixed else None,
         'generator_checkpoint': os.path.abspath(checkpoint) if checkpoint and method == 'dim' else None,
-        'generator_sha256': file_sha256(checkpoint) if checkpoint and method == 'dim' else None,
+        'generator_sha256': sha256,
         'recipe': {
             'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
             'momentum': args.momentum, 'weight_decay': args.weight_decay,
@@ -251,7 +255,7 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             'test_interval': args.test_interval,
             'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
         },
-        'test_order_seed': seed_of_test_order(info.name),
+        'test_order_seed': test_split.order_seed,
         'accuracy_keys': {
             'top1': 'top-1 (%) on the real test set after the last epoch',
             'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
@@ -372,14 +376,6 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
         f.write('\n')
     os.replace(tmp, path)
-
-
-def file_sha256(path, block=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 if __name__ == '__main__':

@@ -7,7 +7,6 @@ the numbers equal the reference's ToTensor + Normalize pipeline. Test sets are r
 order, except an image folder's, which is read in one fixed, seeded, class-mixed order
 (IMAGEFOLDER_TEST_ORDER_SEED).
 """
-import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ DATASET_CHOICES = sorted(DATASETS) + [IMAGEFOLDER]
 class Split:
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
+    order_seed: int | None = None  # seed of the fixed order it is read in (None: the data's own order)
 
     def __len__(self):
         return len(self.labels)
@@ -190,17 +190,11 @@ def _load_imagefolder(data_dir, img_size, num_workers=4):
 IMAGEFOLDER_TEST_ORDER_SEED = 0
 
 
-def seed_of_test_order(name):
-    """The seed of the order `load_dataset(name)` reads the test set in: IMAGEFOLDER_TEST_ORDER_SEED for
-    image folders, None for datasets read in their own (already mixed) order."""
-    return IMAGEFOLDER_TEST_ORDER_SEED if name == IMAGEFOLDER else None
-
-
 def _class_mixed(split):
     """The split in one fixed random order, drawn from a generator seeded IMAGEFOLDER_TEST_ORDER_SEED
     (the same folder gives the same order in every run, on every machine)."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(IMAGEFOLDER_TEST_ORDER_SEED))
-    return Split(split.images[order].contiguous(), split.labels[order])
+    return Split(split.images[order].contiguous(), split.labels[order], IMAGEFOLDER_TEST_ORDER_SEED)
 
 
 def _read_image(path, img_size):
@@ -270,20 +264,22 @@ def to_classifier_input(x_uint8, info):
     return normalize(x_uint8.to(torch.get_default_dtype()).div(255), info.mean, info.std)
 
 
+_CHANNEL_CONSTANTS = {}  # normalize's mean and std as [C, 1, 1] tensors, per (mean, std, device, dtype)
+
+
 def normalize(x, mean, std):
     """Per-channel ``(x - mean) / std`` for [B, C, H, W] or [C, H, W] input."""
-    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
-    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
+    key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device, x.dtype)
+    if key not in _CHANNEL_CONSTANTS:
+        # Made once per (mean, std, device, dtype): building them from Python lists on every call copies
+        # them host-to-device from pageable memory, which on CUDA waits for all queued GPU work (a sync
+        # per call on the hot path). Never in inference mode, so autograd may save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            _CHANNEL_CONSTANTS[key] = tuple(torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device)
+                                            for v in key[:2])
+    m, s = _CHANNEL_CONSTANTS[key]
     return (x - m) / s
 
-
-@functools.lru_cache(maxsize=64)
-def _channel_constant(values, device, dtype):
-    # Made once per (values, device, dtype): building it from a Python list on every call copies it
-    # host-to-device from pageable memory, which on CUDA waits for all queued GPU work (a sync per
-    # call on the hot path). Never in inference mode, so autograd may save it for backward.
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def storage_device(split, device, max_gb=8.0):

@@ -56,7 +56,7 @@ import validate  # noqa: E402
 from data.datasets import DATASETS, BatchStream, Split  # noqa: E402
 from models import Generator  # noqa: E402
 from utils.run import build_gan  # noqa: E402
-from utils.augment import make_augment  # noqa: E402
+from utils.augment import DiffAug  # noqa: E402
 from utils.cli import OneLineParser, add_cuda_graphs_flag, add_fastpath_flags, run  # noqa: E402
 from utils.evaluate import (build_classifier, classifier_optimizer, classifier_step, generated_batch,  # noqa: E402
                             iterations_per_epoch, test)
@@ -144,7 +144,7 @@ def validation_workload(fast, model_name, width=196, batch=128, seed=0, info=INF
     model = build_classifier(model_name, info, fast.device, fast)
     opt = classifier_optimizer(model.parameters(), args, fast)
     net, scaler, ctx = fast.compiled(model), fast.scaler(), fast.ctx()
-    augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+    augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
     model.train()
 
     def step():

@@ -11,6 +11,7 @@ DIR (default results/export/<dataset>_ipc<N>_seed<S>) receives
 The images are exactly those `validate.py --protocol fixed --set-seed S` trains on (one drawing
 function, validate.draw_fixed_set). See docs/EVALUATION.md.
 """
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict
 from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
 from data.errors import UserError  # noqa: E402
-from validate import draw_fixed_set, file_sha256, write_json  # noqa: E402
+from validate import draw_fixed_set, write_json  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 EXPORT_FORMAT = 'dim-export/1'
@@ -86,6 +87,8 @@ def export(G, info, ipc, seed, out, device, checkpoint, png=False):
             os.makedirs(folder, exist_ok=True)
             for i, img in enumerate(pixels[labels == c]):
                 torchvision.utils.save_image(img, os.path.join(folder, f'{i:05d}.png'))
+    with open(checkpoint, 'rb') as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
     write_json({
         'format': EXPORT_FORMAT,
         'dataset': info.name,
@@ -100,7 +103,7 @@ def export(G, info, ipc, seed, out, device, checkpoint, png=False):
         'seed': seed,
         'images_shape': list(images.shape),
         'generator_checkpoint': os.path.abspath(checkpoint),
-        'generator_sha256': file_sha256(checkpoint),
+        'generator_sha256': sha256,
         'png': png,
     }, os.path.join(out, 'meta.json'))
     return images, labels

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import utils.augment as augment_module
 from data.datasets import normalize
-from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, make_augment, rand_brightness,
+from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, rand_brightness,
                            rand_contrast, rand_rotate, rand_saturation, rand_scale, rand_translate)
 
 OPS = ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'translate']
@@ -72,23 +72,23 @@ def test_fixed_seed_reproduces(strategy, batch):
     assert torch.equal(a, b)
 
 
-def test_make_augment_drops_cutout_only_per_sample_with_cutmix():
-    assert 'cutout' not in make_augment('color_crop_cutout', 'cut', batch=False).post
-    assert make_augment('color_crop_cutout', 'cut', batch=True).post == ['cutout']
-    assert make_augment('color_crop_cutout', 'mixup', batch=False).post == ['cutout']
-    aug = make_augment('color_crop_cutout', 'cut', batch=False)
+def test_cutmix_drops_cutout_only_from_per_sample_augmentation():
+    assert 'cutout' not in DiffAug('color_crop_cutout', mixup_net='cut').post
+    assert DiffAug('color_crop_cutout', batch=True, mixup_net='cut').post == ['cutout']
+    assert DiffAug('color_crop_cutout', mixup_net='none').post == ['cutout']
+    aug = DiffAug('color_crop_cutout', mixup_net='cut')
     assert (aug.pre, aug.geometric, aug.batch) == (['color'], ['crop'], False)
-    assert make_augment('color_crop_cutout', batch=True).batch is True
+    assert DiffAug('color_crop_cutout', batch=True).batch is True
     # cutout alone becomes the identity
     x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(make_augment('cutout', 'cut', batch=False)(x), x)
+    assert torch.equal(DiffAug('cutout', mixup_net='cut')(x), x)
 
 
 def test_unknown_op_raises_and_lists_valid_ops():
     with pytest.raises(ValueError, match='crop'):
         DiffAug('color_blur')
     with pytest.raises(ValueError):
-        make_augment('color_jitter')
+        DiffAug('color_jitter')
 
 
 def test_empty_strategy_is_identity():

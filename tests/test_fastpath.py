@@ -22,7 +22,7 @@ from data.datasets import BatchStream
 from misc.benchmark import DispatchCounter, random_split, stage1_workload, stage2_workload, validation_workload
 from models import Discriminator
 from gen_condense import discriminator_step, generator_step, gradient_penalty
-from data.datasets import _channel_constant, normalize
+from data.datasets import _CHANNEL_CONSTANTS, normalize
 from utils.cli import stage_parser
 from utils.evaluate import classifier_step
 from data.errors import UserError
@@ -443,10 +443,11 @@ def test_normalize_reuses_its_device_constants():
     x = torch.rand(2, 3, 4, 4)
     with torch.inference_mode():
         normalize(torch.rand(2, 3, 4, 4), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
-    hits = _channel_constant.cache_info().hits
+    made = dict(_CHANNEL_CONSTANTS)
     x.requires_grad_(True)
     y = normalize(x, [0.1, 0.2, 0.3], [0.5, 0.6, 0.7])  # a list: same constants as the tuple
-    assert _channel_constant.cache_info().hits == hits + 2
+    assert _CHANNEL_CONSTANTS.keys() == made.keys()  # none made anew
+    assert all(a is b for key in made for a, b in zip(made[key], _CHANNEL_CONSTANTS[key]))
     y.sum().backward()  # the constants were not made in inference mode, so autograd can save them
     torch.testing.assert_close(x.grad, (1 / torch.tensor([0.5, 0.6, 0.7])).view(1, 3, 1, 1).expand_as(x))
     torch.testing.assert_close(y, (x - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(3, 1, 1))

@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from utils.augment import make_augment
+from utils.augment import DiffAug
 from data.errors import UserError
 from utils.graphs import GraphedStep, capture_problem
 
@@ -118,7 +118,7 @@ def test_capture_problems(change, words):
     ('none', 'cut', False),
 ])
 def test_augmentations_that_draw_on_the_host(strategy, mixup, host):
-    assert make_augment(strategy, mixup, batch=False).draws_on_host == host
+    assert DiffAug(strategy, mixup_net=mixup).draws_on_host == host
 
 
 @pytest.mark.parametrize('device, data_device', [

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['DiffAug', 'make_augment', 'cutmix', 'AUGMENT_FNS', 'upcast', 'logit_match_loss',
+__all__ = ['DiffAug', 'cutmix', 'AUGMENT_FNS', 'upcast', 'logit_match_loss',
            'feature_match_loss', 'gradient_match_loss', 'MATCH_LOSSES', 'METRICS', 'dist']
 
 CROP_RATIO = 0.125      # max shift as a fraction of the side: 4 px at 32 px
@@ -179,17 +179,6 @@ _GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')      # one of these per ca
 _POST = ('cutout',)                                        # always applied, last
 
 
-def _parse(strategy: str) -> list[str]:
-    if strategy.strip().lower() in ('', 'none'):
-        return []
-    ops = strategy.split('_')
-    unknown = [op for op in ops if op not in AUGMENT_FNS]
-    if unknown:
-        raise ValueError(f'unknown augmentation op(s) {unknown} in {strategy!r}; '
-                         f'valid ops: {sorted(AUGMENT_FNS)}')
-    return ops
-
-
 class DiffAug:
     """Differentiable augmentation for a strategy like ``'color_crop_cutout'``.
 
@@ -198,10 +187,24 @@ class DiffAug:
     blur and shrink the content too much), then ``cutout`` if listed. The order
     is fixed, independent of the order in the string. ``''``/``'none'`` is the
     identity.
+
+    ``batch=True``: one draw for the whole batch (matching: real and generated
+    images get the same transform); ``False``: a draw per sample (classifier
+    training). ``mixup_net='cut'`` (CutMix on the classifier) drops cutout from
+    a per-sample strategy.
     """
 
-    def __init__(self, strategy: str = 'color_crop_cutout', batch: bool = False):
-        ops = _parse(strategy)
+    def __init__(self, strategy: str = 'color_crop_cutout', batch: bool = False, mixup_net: str = 'none'):
+        ops = [] if strategy.strip().lower() in ('', 'none') else strategy.split('_')
+        unknown = [op for op in ops if op not in AUGMENT_FNS]
+        if unknown:
+            raise ValueError(f'unknown augmentation op(s) {unknown} in {strategy!r}; '
+                             f'valid ops: {sorted(AUGMENT_FNS)}')
+        if mixup_net == 'cut' and not batch and 'cutout' in ops:
+            # CutMix on the classifier already pastes boxes: a per-sample cutout would double the
+            # occlusion. Batch (matching) mode keeps it.
+            ops = [op for op in ops if op != 'cutout']
+            strategy = '_'.join(ops)
         self.strategy = strategy
         self.batch = batch
         self.pre = [op for op in _PRE if op in ops]
@@ -223,19 +226,6 @@ class DiffAug:
 
     def __repr__(self) -> str:
         return f'DiffAug(strategy={self.strategy!r}, batch={self.batch})'
-
-
-def make_augment(strategy: str, mixup_net: str = 'cut', batch: bool = False) -> DiffAug:
-    """Augmentation for training (per-sample) or matching (``batch=True``).
-
-    With CutMix on the classifier (``mixup_net == 'cut'``) cutout is dropped from
-    the per-sample strategy: CutMix already pastes boxes, cutting another would
-    double the occlusion. Batch (matching) mode keeps cutout.
-    """
-    ops = _parse(strategy)
-    if not batch and mixup_net == 'cut':
-        ops = [op for op in ops if op != 'cutout']
-    return DiffAug('_'.join(ops), batch=batch)
 
 
 def cutmix(images: Tensor, labels: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor, float]:

@@ -28,6 +28,11 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+
+class ResumableParser(OneLineParser):
+    """The parser of a script that can --resume: it also records in `args.given` which flags the
+    command line set, which the resumed run compares with the run it continues."""
+
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, Flags() if namespace is None else namespace)
         if isinstance(ns, Flags):
@@ -49,10 +54,12 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got '{v}'")
 
 
-def stage_parser(description, batch_size, epochs, lr, matching=False):
+def stage_parser(description, batch_size, epochs, lr, matching=False, resumable=False):
     """The flags every stage shares, with the stage's own defaults. `matching`: the script runs the
-    pool matching, so --bias and --fc act (they are official flags of all three scripts)."""
-    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pool matching, so --bias and --fc act (they are official flags of all three scripts). `resumable`:
+    the script takes --resume (add_resume_flags), so its parser records the flags given."""
+    parser = ResumableParser if resumable else OneLineParser
+    p = parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}',
                    help="dataset (default: the checkpoint's dataset, else cifar10)")
@@ -120,16 +127,13 @@ def add_match_flags(p, acting):
     """The official matching flags. `acting`: this script matches (pool_match.py). Elsewhere, and for
     --match-coeff, --match-model, --fix-disc and --epochs-match everywhere, they are accepted and do
     nothing, as in the official scripts (docs: README, "Differences from the official code")."""
-    def says(text):
-        return text if acting else NO_EFFECT
-
     g = p.add_argument_group('matching' if acting else 'official matching flags (no effect here)')
     g.add_argument('--match-aug', action='store_true',
-                   help=says('siamese augmentation of real and generated batches before matching'))
+                   help='siamese augmentation of real and generated batches before matching' if acting else NO_EFFECT)
     g.add_argument('--metric', default='l1', choices=('l1', 'mse', 'l1_mean', 'cos'),
-                   help=says('distance of --match grad and --match feat'))
+                   help='distance of --match grad and --match feat' if acting else NO_EFFECT)
     g.add_argument('--epochs-match-train', type=int, default=16,
-                   help=says('SGD steps of the pool model on real batches per generator step'))
+                   help='SGD steps of the pool model on real batches per generator step' if acting else NO_EFFECT)
     g.add_argument('--match-coeff', type=float, default=0.001, help=NO_EFFECT)
     g.add_argument('--match-model', default='convnet', help=NO_EFFECT)
     g.add_argument('--fix-disc', action='store_true', help=NO_EFFECT)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from data.datasets import TEST_BATCH, normalize, test_batches, to_classifier_input
 from data.errors import Interrupted
 from models import create_model, generate
-from utils.augment import cutmix, make_augment
-from utils.runtime import FastPath, backward_step, make_scaler
+from utils.augment import DiffAug, cutmix
+from utils.runtime import FastPath, make_scaler
 
 
 def classifier_optimizer(params, args, fast=None, lr=None):
@@ -40,15 +40,19 @@ def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
         if mix is not None:
             labels_b, lam = mix
             loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
-    backward_step(loss, opt, scaler)
+    # through the loss scaler, which skips the step when an fp16 gradient overflowed; a disabled one
+    # (fp32, bf16: utils/runtime.make_scaler) is the plain backward and step
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
     return loss.detach()
 
 
-def default_test_bn(protocol):
-    """How classifiers are tested unless --test-bn says: 'batch' for the on-the-fly protocol (the official
-    code never leaves train mode, so BatchNorm normalises each test batch with its own statistics, and
-    the paper's ResNet numbers depend on it), 'running' (eval mode) for the field's fixed-set protocol."""
-    return 'batch' if protocol == 'onthefly' else 'running'
+# How classifiers are tested unless --test-bn says: 'batch' for the on-the-fly protocol (the official code
+# never leaves train mode, so BatchNorm normalises each test batch with its own statistics, and the
+# paper's ResNet numbers depend on it), 'running' (eval mode) for the field's fixed-set protocol.
+DEFAULT_TEST_BN = {'onthefly': 'batch', 'fixed': 'running'}
 
 
 def test_batch_size(args):
@@ -179,7 +183,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     model = build_classifier(model_name, info, device, fast)
     opt = classifier_optimizer(model.parameters(), args, fast)
     net, scaler = fast.compiled(model), fast.scaler()
-    augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+    augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
     tests = PeriodicTests(1, args, held_out=val_split is not None)
     start = time.time()
@@ -221,7 +225,7 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
     model = build_classifier(model_name, info, device)
     opt = classifier_optimizer(model.parameters(), args)
     scaler = make_scaler(getattr(args, 'amp', 'off'), device)
-    augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+    augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
     tests = PeriodicTests(1, args, held_out=val_split is not None)
     n, B, epochs = len(labels), args.batch_size, args.epochs_eval
     bar = runlog.progress(range(epochs), desc=f'{model_name}') if runlog is not None else range(epochs)

@@ -20,7 +20,7 @@ from utils.checkpoint import (LAST, check_compatible, check_resumable, checkpoin
 from utils import distributed
 from utils.cli import check_output_dirs
 from data.errors import Diverged, Interrupted, UserError
-from utils.evaluate import default_test_bn, validate
+from utils.evaluate import DEFAULT_TEST_BN, validate
 from utils.runtime import (FastPath, autocast, resolve_amp, rng_state,
                            seed_everything, select_device, set_rng_state, setup_backend)
 
@@ -189,7 +189,7 @@ class GanRun:
             self.resumed_from = None
         where = self.resumed_from or init_weight
         self.args, self.stage = args, stage
-        args.test_bn = args.test_bn or default_test_bn('onthefly')  # the stages validate on the fly
+        args.test_bn = args.test_bn or DEFAULT_TEST_BN['onthefly']  # the stages validate on the fly
         self.device = select_device(args.device)
         self.device = distributed.setup(args, self.device)  # torchrun: join the group, cuda:LOCAL_RANK
         setup_backend(self.device, args.deterministic, getattr(args, 'cudnn_benchmark', False))

@@ -37,10 +37,13 @@ def select_device(name='auto'):
     device comes back with its index (cuda:0, not cuda), so it compares equal to its tensors' device."""
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if torch.device(name).type == 'cuda' and not torch.cuda.is_available():
+    device = torch.device(name)
+    if device.type != 'cuda':
+        return device
+    if not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device "
                         "(check CUDA_VISIBLE_DEVICES and that the CUDA build of torch is installed)")
-    return concrete_device(name)
+    return concrete_device(device)
 
 
 def concrete_device(device):
@@ -155,20 +158,11 @@ def autocast(amp, device, cache=True):
 def make_scaler(amp, device):
     """The loss scaler of one optimizer: dynamic scaling for fp16 (its range is too small for raw
     gradients); for bf16 and fp32 a disabled one, whose scale/step/update are the plain backward and
-    step. One per optimizer, so a step skipped for one network does not back off the other's scale."""
-    return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-
-
-def backward_step(loss, opt, scaler):
-    """Zero the gradients, backward, optimizer step, through the loss scaler (a disabled one: plain
-    backward and step).
+    step. One per optimizer, so a step skipped for one network does not back off the other's scale.
 
     With fp16 the scaler skips the step (and halves the scale) when a gradient overflowed. A fused
     optimizer takes the overflow flag on the device; any other makes scaler.step wait for it (.item())."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from data.datasets import TEST_BATCH, to_classifier_input
-from utils.augment import make_augment
+from utils.augment import DiffAug
 from utils.evaluate import (PeriodicTests, build_classifier, classifier_optimizer, count_correct, maybe_cutmix,
                             test_batch_size)
-from utils.runtime import backward_step, make_scaler, seed_everything
+from utils.runtime import make_scaler, seed_everything
 
 
 class RngSlots:
@@ -176,7 +176,7 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
         group = ClassifierGroup(models)
         opt = classifier_optimizer(group.parameters(), args)
         scaler = make_scaler(getattr(args, 'amp', 'off'), device)
-        augment = make_augment(args.aug_type, args.mixup_net, batch=False)
+        augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
         tests = PeriodicTests(K, args, held_out=val_split is not None)
         bar = range(epochs)
         if runlog is not None:
@@ -207,7 +207,10 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
                 with ctx:
                     logits = group.forward(torch.stack(xs))
                 loss = group_loss(logits, torch.stack(ya), torch.stack(yb), torch.tensor(lam, device=device))
-                backward_step(loss, opt, scaler)
+                opt.zero_grad(set_to_none=True)  # as utils/evaluate.classifier_step
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             if tests.due(epoch):
                 top1, top5 = group_test(group, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
                 val1 = (group_test(group, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
