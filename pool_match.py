@@ -104,8 +104,9 @@ class Pool:
     def to_pool_input(self, x):
         # As in the reference, the pool model sees the GAN's [-1, 1] images normalised again with the
         # dataset statistics (the validation classifiers see [0, 1] images normalised the same way).
-        # In float32 whatever --amp made of x: real and generated halves get the same constants.
-        return normalize(x.float(), self.info.mean, self.info.std)
+        # At least float32 whatever --amp made of x (float64 stays: the golden-value tests), so real and
+        # generated halves get the same constants.
+        return normalize(upcast(x), self.info.mean, self.info.std)
 
     def _train_steps(self):
         for images, labels in self.train_stream.first_batches(self.args.epochs_match_train):
@@ -119,15 +120,15 @@ class Pool:
         if self.args.match_aug:  # one draw for both halves: the same transform on pair i
             real, fake = self.match_aug(torch.cat([self.to_pool_input(real), self.to_pool_input(fake)])).chunk(2)
         else:  # as the official code: the [-1, 1] images unnormalised, though the pool model trains on normalised ones
-            real, fake = real.float(), fake.float()
+            real, fake = upcast(real), upcast(fake)
         if self.args.match == 'grad':  # differentiates the pool model's own gradients: needs its params, fp32
-            return MATCH_LOSSES['grad'](self.model, real, fake, labels, self.args).float()
+            return upcast(MATCH_LOSSES['grad'](self.model, real, fake, labels, self.args))
         self.model.requires_grad_(False)  # only G needs gradients of the match term
         try:
             with self.ctx:
                 if self.args.match == 'logit':  # the paper's: the net the steps call
-                    return logit_match_loss(self.net, real, fake).float()
-                return MATCH_LOSSES['feat'](self.model, real, fake, labels, self.args).float()  # has features()
+                    return upcast(logit_match_loss(self.net, real, fake))
+                return upcast(MATCH_LOSSES['feat'](self.model, real, fake, labels, self.args))  # has features()
         finally:
             self.model.requires_grad_(True)
 

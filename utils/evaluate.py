@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from data.datasets import TEST_BATCH, normalize, test_batches, to_classifier_input
 from data.errors import Interrupted
 from models import create_model, generate
-from utils.augment import DiffAug, cutmix
+from utils.augment import DiffAug, cutmix, upcast
 from utils.runtime import FastPath, make_scaler
 
 
@@ -29,17 +29,22 @@ def build_classifier(name, info, device, fast=None):
     return fast.prepare(model) if fast is not None else model.to(device)
 
 
-def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
+def classifier_step(model, opt, images, labels, ctx, scaler, mix=None, teacher=None, temperature=None):
     """One SGD step on cross-entropy; `mix` = (labels_b, lam) from CutMix: lam * CE(labels) +
-    (1 - lam) * CE(labels_b), in float32 at least (float64 under a float64 default dtype). Returns
+    (1 - lam) * CE(labels_b), in float32 at least (float64 under a float64 default dtype). With a
+    `teacher` (--soft-labels) the batch is labelled by the teacher instead, as it is (augmented and
+    mixed): the loss is soft_label_loss at `temperature`, and `labels` and `mix` are not used. Returns
     the loss as a device tensor."""
     with ctx:
         logits = model(images)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits, labels)
-        if mix is not None:
-            labels_b, lam = mix
-            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
+        if teacher is not None:
+            loss = soft_label_loss(logits, teacher_logits(teacher, images), temperature)
+        else:
+            loss = F.cross_entropy(logits, labels)
+            if mix is not None:
+                labels_b, lam = mix
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels_b)
     # through the loss scaler, which skips the step when an fp16 gradient overflowed; a disabled one
     # (fp32, bf16: utils/runtime.make_scaler) is the plain backward and step
     opt.zero_grad(set_to_none=True)
@@ -47,6 +52,34 @@ def classifier_step(model, opt, images, labels, ctx, scaler, mix=None):
     scaler.step(opt)
     scaler.update()
     return loss.detach()
+
+
+# --soft-labels: a teacher trained on the real training set labels every training batch after its
+# augmentation (FKD, SRe2L, RDED; DD-Ranking's soft-label mode "M"), and the student learns its softened
+# outputs. The default temperature is the one DD-Ranking's CIFAR-10 configurations give that mode for
+# ConvNet-3 students: `soft_label_mode: M`, `soft_label_criterion: kl`, `temperature: 20.0` in
+# D4M/CIFAR10/IPC{1,10,50}.yaml and RDED/CIFAR10/IPC{1,10,50}.yaml of NUS-HPC-AI-Lab/DD-Ranking (its
+# SRe2L configurations, with ResNet-18 students, use 30.0; its evaluator's own default is 1.0).
+DEFAULT_TEMPERATURE = 20.0
+
+
+def soft_label_loss(student_logits, teacher_logits, temperature):
+    """KL(softmax(teacher / T) || softmax(student / T)) x T^2: summed over the classes, averaged over the
+    batch (the FKD / SRe2L form; T^2 keeps the gradient's scale independent of T). Logits [..., B,
+    classes] give [...]: a scalar for one model, [K] for K stacked models (utils/stacking.py). Computed
+    in the student logits' dtype (float32 at least)."""
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.to(student_logits.dtype) / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean(-1) * temperature ** 2
+
+
+@torch.no_grad()
+def teacher_logits(teacher, images):
+    """The teacher's logits for one batch [B, C, H, W] or K stacked batches [K, B, C, H, W], without a
+    gradient. The teacher is in eval mode (utils.checkpoint.load_teacher): each image is labelled alone.
+    Called inside the caller's autocast context."""
+    flat = images.flatten(0, images.dim() - 4)
+    return teacher(flat).view(*images.shape[:-3], -1)
 
 
 # How classifiers are tested unless --test-bn says: 'batch' for the on-the-fly protocol (the official code
@@ -109,7 +142,7 @@ def generated_batch(G, batch_size, info, augment, device):
         labels = torch.randperm(info.num_classes, device=device)
     else:
         labels = torch.randint(info.num_classes, (batch_size,), device=device)
-    images = (generate(G, labels).float() + 1) / 2
+    images = (upcast(generate(G, labels)) + 1) / 2  # float32 under --amp, float64 in a float64 check
     return augment(normalize(images, info.mean, info.std)), labels
 
 
@@ -171,11 +204,12 @@ class PeriodicTests:
 
 
 def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
-                       stop=None, val_split=None):
+                       stop=None, val_split=None, teacher=None):
     """Train one fresh classifier on generated images for --epochs-eval epochs; test every
     --test-interval epochs and at the end. Returns accuracies: the final one, and the best over the
     periodic tests (the paper's number: selected on the test set); with `val_split` (held-out real
-    images) also the test accuracy at the test that scored best on them."""
+    images) also the test accuracy at the test that scored best on them. With a `teacher`
+    (--soft-labels) each fresh batch is labelled by it at --temperature (classifier_step)."""
     G_was_training = G.training
     G.eval()  # BatchNorm running statistics, as the reference validates
     fast = FastPath.from_args(args, device)
@@ -195,7 +229,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
         for _ in range(iters):
             images, labels = generated_batch(G_net, args.batch_size, info, augment, device)
             images, labels, mix = maybe_cutmix(images, labels, args)
-            classifier_step(net, opt, images, labels, ctx, scaler, mix)
+            classifier_step(net, opt, images, labels, ctx, scaler, mix, teacher, getattr(args, 'temperature', None))
         if tests.due(epoch):
             top1, top5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
             val1 = (test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
@@ -209,7 +243,8 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     return {**result, 'iters_per_epoch': iters, 'seconds': time.time() - start}
 
 
-def train_on_set(model_name, images, labels, info, test_split, args, device, ctx, runlog=None, val_split=None):
+def train_on_set(model_name, images, labels, info, test_split, args, device, ctx, runlog=None, val_split=None,
+                 teacher=None):
     """Train one fresh classifier on the fixed set (images, labels) -- validate.py's --protocol fixed
     and its baselines -- and test it on the real test set (and on `val_split`, held-out real images,
     when given). Generated images come float32 and normalised, real ones uint8, normalised per batch
@@ -218,8 +253,10 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
     Recipe: SGD (classifier_optimizer), lr x0.1 after the first half of --epochs-eval epochs; each
     epoch shuffles the set and walks it in minibatches of --batch-size (the last one may be smaller);
     DSA augmentation per sample (--aug-type, without cutout when --mixup-net cut) and CutMix with
-    probability --mix-p. Tests every --test-interval epochs and after the last. Every random draw
-    (initialisation, order, augmentation, CutMix) comes from the global RNGs: the caller seeds them.
+    probability --mix-p; with a `teacher` (--soft-labels) every augmented batch is labelled by it at
+    --temperature instead (classifier_step). Tests every --test-interval epochs and after the last.
+    Every random draw (initialisation, order, augmentation, CutMix) comes from the global RNGs: the
+    caller seeds them; the teacher draws none, so a soft run sees the batches its hard run sees.
     Returns the trained model and its test record (PeriodicTests.result).
     """
     model = build_classifier(model_name, info, device)
@@ -240,7 +277,7 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
             if x.dtype == torch.uint8:
                 x = to_classifier_input(x, info)
             x, y, mix = maybe_cutmix(augment(x), y, args)
-            classifier_step(model, opt, x, y, ctx, scaler, mix)
+            classifier_step(model, opt, x, y, ctx, scaler, mix, teacher, getattr(args, 'temperature', None))
         if tests.due(epoch):
             # top-1 and top-5 (%) computed in float32 on the device, as the fixed protocol's reports
             # always have (`test` rounds in float64)
