@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import utils.augment as augment_module
 from data.datasets import normalize
-from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, rand_brightness,
+from utils.augment import (DiffAug, cutmix, rand_brightness,
                            rand_contrast, rand_rotate, rand_saturation, rand_scale, rand_translate)
 
 OPS = ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'translate']
@@ -96,17 +96,28 @@ def test_empty_strategy_is_identity():
     assert torch.equal(DiffAug('')(x), x) and torch.equal(DiffAug('none')(x), x)
 
 
-def test_exactly_one_geometric_op_per_call(monkeypatch):
+def test_exactly_one_geometric_op_per_call():
     aug = DiffAug('crop_scale_rotate_translate', batch=True)
-    calls = []
-    for name in aug.geometric:     # record which op runs instead of running it
-        monkeypatch.setitem(AUGMENT_FNS, name, [lambda x, b, n=name: calls.append(n) or x])
     torch.manual_seed(0)
+    calls = []
     for i in range(400):
-        aug(torch.zeros(1, 1, 4, 4))
-        assert len(calls) == i + 1
+        plan = aug.draw(torch.zeros(1, 1, 4, 4))
+        assert len(plan) == 1
+        calls.append(plan[0][0])
     freq = np.array([calls.count(n) for n in aug.geometric]) / len(calls)
     assert np.all(np.abs(freq - 0.25) < 0.07)
+
+
+def test_ops_run_in_the_official_order():
+    # flip, colour, one geometric op among those listed (in the strategy's order), cutout: whatever
+    # order the string names them in
+    aug = DiffAug('cutout_rotate_color_flip_crop', batch=False)
+    assert aug.geometric == ['rotate', 'crop']
+    torch.manual_seed(0)
+    plans = [[op for op, _ in aug.draw(torch.zeros(2, 3, 8, 8))] for _ in range(40)]
+    assert {p[4] for p in plans} == {'rotate', 'crop'}
+    for p in plans:
+        assert p[:4] == ['flip', 'brightness', 'saturation', 'contrast'] and p[5:] == ['cutout']
 
 
 # --------------------------------------------------------------------------- statistics
@@ -183,9 +194,10 @@ def test_translate_moves_columns_only(batch):
 
 def test_translate_fills_zeros_from_the_side():
     x = torch.arange(1.0, 9.0).view(1, 1, 1, 8).expand(1, 1, 3, 8).contiguous()
-    y = augment_module._shift(x, torch.tensor([[2]]), 3)
+    # out[j] = x[j + shift], as the official code
+    y = augment_module._shift(x, torch.tensor([-2]), 3)
     assert torch.equal(y[0, 0, 0], torch.tensor([0.0, 0, 1, 2, 3, 4, 5, 6]))
-    y = augment_module._shift(x, torch.tensor([[-3]]), 3)
+    y = augment_module._shift(x, torch.tensor([3]), 3)
     assert torch.equal(y[0, 0, 2], torch.tensor([4.0, 5, 6, 7, 8, 0, 0, 0]))
 
 
@@ -272,8 +284,8 @@ def test_rotate_angles_in_range():
     size, j = 33, 24
     c = float(pixel_centres(size)[j])
     y = DiffAug('rotate', batch=False)(ramp_image(2000, size).contiguous())
-    # at (X, Y) = (c, 0) the grid is (cos * c, -sin * c)
-    cos, sin = y[:, 0, 16, j] / c, -y[:, 1, 16, j] / c
+    # at (X, Y) = (c, 0) the grid is (cos * c, sin * c) (the official matrix [[cos, -sin], [sin, cos]])
+    cos, sin = y[:, 0, 16, j] / c, y[:, 1, 16, j] / c
     assert torch.allclose(cos ** 2 + sin ** 2, torch.ones(2000), atol=1e-4)
     deg = torch.rad2deg(torch.atan2(sin, cos))
     assert deg.min() >= -15 - 1e-3 and deg.max() <= 15 + 1e-3
@@ -281,19 +293,20 @@ def test_rotate_angles_in_range():
 
 
 @pytest.mark.parametrize('op', ['scale', 'rotate'])
-def test_warps_use_align_corners_false(op, monkeypatch):
+def test_warps_use_align_corners_false(op):
     # fix the random draws, then compare with torch's affine_grid / grid_sample at their
     # default align_corners=False on the known theta
-    draws = iter([1.15, 0.9] if op == 'scale' else [10.0])
-    monkeypatch.setattr(augment_module, '_uniform',
-                        lambda x, batch, low, high, shape=(1, 1, 1): torch.full((1, *shape), next(draws), dtype=x.dtype))
+    # fix the parameters, then compare with torch's affine_grid / grid_sample at their
+    # default align_corners=False on the known theta
     torch.manual_seed(0)
     x = torch.randn(3, 2, 12, 20)
     if op == 'scale':
-        y, theta = rand_scale(x, True), torch.tensor([[1.15, 0.0, 0.0], [0.0, 0.9, 0.0]])
+        y = rand_scale.apply(x, sx=torch.tensor([1.15]), sy=torch.tensor([0.9]))
+        theta = torch.tensor([[1.15, 0.0, 0.0], [0.0, 0.9, 0.0]])
     else:
-        a = math.radians(10.0)
-        y, theta = rand_rotate(x, True), torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]])
+        a = math.radians(10.0)  # the official matrix: [[cos, -sin], [sin, cos]]
+        y = rand_rotate.apply(x, angle=torch.tensor([a], dtype=torch.float64))
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
     theta = theta.expand(3, 2, 3)
     expected = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
     assert torch.allclose(y, expected, atol=1e-5)

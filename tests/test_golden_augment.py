@@ -1,0 +1,153 @@
+"""The augmentation ops against the official code's own draws (shared/reference/golden/dsa_*.json).
+
+Each entry of a file is one official op call, in batch mode (one draw for the batch) or per sample: the
+random numbers it drew, the parameters in plain terms and a fingerprint of its output. We apply the
+official parameters through this repository's ops (`op.apply`, the half of every op that
+`DiffAug.__call__` runs after `op.draw`) to the same input and compare the outputs; `composed` entries
+run whole strategies, their parameters rebuilt from the raw draws by the formulas the file's protocol
+states, through `DiffAug.apply`, after checking that DiffAug orders the ops as the official call did.
+
+The random streams themselves are not compared: the official code draws batch mode from numpy, this
+repository from torch on the images' device (same distributions, no host round trip on a GPU).
+
+Tolerance: float64 outputs to 1e-9 relative (a signed sum to 1e-9 of the sum of absolute values, a
+listed value to 1e-9 of its list's largest magnitude). The float32 outputs of scale and rotate (the
+official affine matrix is float32) to 1e-6: their fingerprints were summed in float32 by the official
+run, so a reduction in another order differs in the seventh digit; a warp with another angle or
+direction differs in the first.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from utils.augment import OPS, DiffAug
+
+from test_golden import GOLDEN
+
+FILES = ['dsa_4x3x32x32', 'dsa_4x1x28x28']
+GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')
+PARAM_NAMES = {'angle_rad': 'angle'}  # the official file's name -> this repository's
+
+
+def load(name):
+    path = os.path.join(GOLDEN, f'{name}.json')
+    if not os.path.exists(path):
+        pytest.skip(f'{path} is not there (shared/reference is laid beside the checkout)')
+    with open(path) as f:
+        return json.load(f)
+
+
+def official_input(golden, dtype_name):
+    x = torch.randn(golden['protocol']['shape'], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return x.float() if dtype_name == 'torch.float32' else x
+
+
+def as_tensor(value):
+    """A parameter of the file as the [n] tensor `apply` takes (n = 1 for one batch-mode value)."""
+    values = value if isinstance(value, list) else [value]
+    if isinstance(values[0], bool):
+        return torch.tensor(values)
+    if isinstance(values[0], int):
+        return torch.tensor(values, dtype=torch.long)
+    return torch.tensor(values, dtype=torch.float64)  # float32 inputs (scale, rotate) store theta in float32
+
+
+def check_output(y, want, what):
+    assert str(y.dtype) == want['dtype'], what
+    tol = 1e-9 if y.dtype == torch.float64 else 1e-6
+    flat = y.detach().flatten().double()
+    per_sample = y.detach().flatten(1).double()
+
+    def close(got, expected, key, floor=0.0):
+        assert got == pytest.approx(expected, rel=tol, abs=floor), (what, key, got, expected)
+
+    assert abs(flat.sum().item() - want['sum']) <= tol * want['abs_sum'], (what, 'sum', flat.sum().item(), want['sum'])
+    close(flat.abs().sum().item(), want['abs_sum'], 'abs_sum')
+    close(flat.norm().item(), want['norm'], 'norm')
+    for key, got in (('first', flat[:4]), ('last', flat[-4:])):
+        close(got.tolist(), want[key], key, floor=tol * max(abs(v) for v in want[key]))
+    sums = per_sample.sum(1).tolist()
+    for got, expected, size in zip(sums, want['per_sample_sum'], per_sample.abs().sum(1).tolist()):
+        assert abs(got - expected) <= tol * size, (what, 'per-sample sum', got, expected)
+    close(per_sample.norm(dim=1).tolist(), want['per_sample_norm'], 'per-sample norm')
+
+
+def entries(name):
+    golden = load(name)
+    return [(golden, e) for e in golden['entries']]
+
+
+@pytest.mark.parametrize('name', FILES)
+def test_every_op_applies_the_official_parameters_as_the_official_op(name):
+    golden = load(name)
+    assert len(golden['entries']) == 18  # 9 ops x (batch, per sample)
+    assert golden['input']['sum'] == pytest.approx(official_input(golden, 'torch.float64').sum().item(), rel=1e-12)
+    for entry in golden['entries']:
+        x = official_input(golden, entry['input_dtype'])
+        params = {PARAM_NAMES.get(k, k): as_tensor(v) for k, v in entry['params'].items()}
+        n = 1 if entry['mode'] == 'batch' else x.shape[0]
+        assert all(len(p) == n for p in params.values())
+        y = OPS[entry['op']].apply(x, **params)
+        check_output(y, entry['output'], f"{entry['op']} ({entry['mode']})")
+
+
+def official_plan(strategy, draws, x):
+    """The (op, parameters) list of one official DiffAug call, from its raw draws in the order made:
+    flip, colour (brightness, saturation, contrast), the choice of the geometric op and its draws,
+    cutout, each by the formula of the file's protocol."""
+    draws = iter(d['values'] for d in draws)
+
+    def uniform():
+        return torch.tensor(next(draws), dtype=torch.float64).reshape(-1)
+
+    def integer():
+        return torch.tensor(next(draws), dtype=torch.long).reshape(-1)
+
+    def in_dtype(t):
+        return t.to(x.dtype)
+
+    listed = strategy.split('_')
+    plan = []
+    if 'flip' in listed:
+        plan.append(('flip', {'flipped': uniform() < 0.5}))
+    if 'color' in listed:
+        plan += [('brightness', {'offset': in_dtype(uniform() - 0.5)}),
+                 ('saturation', {'factor': in_dtype(uniform() * 2)}),
+                 ('contrast', {'factor': in_dtype(uniform() + 0.5)})]
+    geometric = [op for op in listed if op in GEOMETRIC]
+    if geometric:
+        op = geometric[int(integer())]  # drawn even when one op is listed
+        if op == 'crop':
+            plan.append(('crop', {'shift_rows': integer(), 'shift_cols': integer()}))
+        elif op == 'translate':
+            plan.append(('translate', {'shift_cols': integer()}))
+        elif op == 'scale':
+            low, high = 1 / 1.2, 1.2
+            plan.append(('scale', {'sx': uniform() * (high - low) + low, 'sy': uniform() * (high - low) + low}))
+        else:
+            plan.append(('rotate', {'angle': (uniform() - 0.5) * 2 * 15 / 180 * math.pi}))
+    if 'cutout' in listed:
+        plan.append(('cutout', {'centre_row': integer(), 'centre_col': integer()}))
+    assert next(draws, None) is None, 'draws left over'
+    return plan
+
+
+@pytest.mark.parametrize('name', FILES)
+def test_whole_strategies_match_the_official_calls(name):
+    golden = load(name)
+    assert len(golden['composed']) == 4
+    for entry in golden['composed']:
+        x = official_input(golden, entry['input_dtype'])
+        aug = DiffAug(entry['strategy'], batch=entry['mode'] == 'batch')
+        plan = official_plan(entry['strategy'], entry['draws'], x)
+        # DiffAug orders the ops as the official call did (its geometric op is its own draw)
+        official_ops = [op for op, _ in plan]
+        ours = [op for op, _ in aug.draw(x)]
+        assert len(ours) == len(official_ops)
+        assert [op if op not in GEOMETRIC else 'geometric' for op in ours] == \
+            [op if op not in GEOMETRIC else 'geometric' for op in official_ops]
+        assert aug.geometric == [op for op in entry['strategy'].split('_') if op in GEOMETRIC]
+        check_output(aug.apply(x, plan), entry['output'], f"{entry['strategy']} ({entry['mode']})")
