@@ -2,7 +2,7 @@
 # The whole DiM pipeline on real data that needs no download (scikit-learn's digits), on a schedule made
 # for 2 CPU cores (about 5 minutes): stage 1 at width 16, Adam lr 1e-3, batch 64, 24 epochs (528 GAN
 # iterations), the cheapest schedule measured whose generator draws the class it is asked for in at least
-# 90% of the draws (README: "How the quick-start schedule was chosen"). Outputs go to results/quickstart-*
+# 90% of the draws (docs/QUICKSTART.md: how the schedule was chosen). Outputs go to results/quickstart-*
 # and logs/quickstart-*.
 # Usage: bash misc/quickstart.sh [extra flags for all three stages, e.g. --device cuda]
 set -euo pipefail
