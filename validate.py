@@ -11,7 +11,8 @@ same way on ipc real images per class / the whole training set. --num-eval K tra
 with seeds --seed, --seed + 1, ... (one after another; --stack trains a fixed-set architecture's K
 together) and reports mean and std. Results: results/<tag>/eval.json and a markdown table; both give
 the final top-1 and the best top-1 over the periodic tests (selected on the test set, as the paper
-reports it). See docs/EVALUATION.md.
+reports it). --soft-labels TEACHER trains on a teacher's labels of every augmented batch instead of the
+hard labels (a teacher: --baseline full --save-classifier PATH). See docs/EVALUATION.md.
 
 The run, top-down: main() sets up; run_evaluation() holds the protocol: (1) hold out real images
 (--val-per-class), (2) draw the fixed training sets, (3) for every architecture and seed train a
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 
 from data.datasets import Split, normalize, resolve_data
 from data.errors import UserError
-from utils.checkpoint import check_compatible, checkpoint_data, load_checkpoint, load_generator
+from utils.checkpoint import (check_compatible, checkpoint_data, load_checkpoint, load_generator, load_teacher,
+                              save_teacher)
 from utils.cli import add_match_flags, check_flags as check_stage_flags, check_positive, run, stage_parser
-from utils.evaluate import DEFAULT_TEST_BN, iterations_per_epoch, test_batch_size, train_on_generator, train_on_set
+from utils.evaluate import (DEFAULT_TEMPERATURE, DEFAULT_TEST_BN, iterations_per_epoch, test_batch_size,
+                            train_on_generator, train_on_set)
 from utils.run import RunLog
 from utils.runtime import autocast, hardware, resolve_amp, seed_everything, select_device, setup_backend
 from utils.stacking import train_stacked
@@ -41,6 +44,7 @@ PROTOCOLS = ('onthefly', 'fixed')
 BASELINES = ('random', 'full')
 REPORT = 'eval.json'
 REPORT_FORMAT = 'dim-eval/1'
+SOFT_CELL = 'soft, T {temperature:g}'  # how a soft-label report's labels read in tables (misc/compare.py too)
 DRAW_CHUNK = 1000  # images per generator forward pass when drawing a fixed set
 ON_DEVICE_MAX_BYTES = 4 * 2**30  # training sets up to this size live on the training device
 HOLDOUT_SEED = 0  # the same held-out images for every run with the same --val-per-class
@@ -76,6 +80,19 @@ def get_parser():
                         'rounding, utils/stacking.py)')
     g.add_argument('--no-stack', action='store_true',
                    help='one classifier after another: the default; accepted for older command lines')
+    g = p.add_argument_group('soft labels from a teacher (docs/EVALUATION.md, "Soft labels")')
+    g.add_argument('--save-classifier', default=None, metavar='PATH',
+                   help='--baseline full: keep the first --eval-model\'s classifier of seed --seed (its final '
+                        'weights) at PATH as a teacher for --soft-labels; the file records its architecture, '
+                        'dataset, normalisation and test accuracy')
+    g.add_argument('--soft-labels', default=None, metavar='TEACHER',
+                   help='label every training batch, after augmentation, by TEACHER (a --save-classifier file, '
+                        'in eval mode) and train on KL(softmax(teacher/T) || softmax(student/T)) x T^2 instead of '
+                        'cross-entropy on the hard labels; --protocol fixed, onthefly and --baseline random')
+    g.add_argument('--temperature', type=float, default=None, metavar='T',
+                   help=f'temperature T of --soft-labels (default {DEFAULT_TEMPERATURE:g}: DD-Ranking\'s CIFAR-10 '
+                        'configurations of its teacher-relabelling soft-label mode for ConvNet-3 students, '
+                        'D4M/ and RDED/CIFAR10/IPC*.yaml)')
     return p
 
 
@@ -91,6 +108,22 @@ def check_flags(args):
         raise UserError(f"--val-per-class must be 0 or more, got {args.val_per_class}")
     if args.stack and args.no_stack:
         raise UserError("--stack and --no-stack contradict each other: give one")
+    if args.soft_labels and args.baseline == 'full':
+        raise UserError("--soft-labels trains on a teacher's labels; --baseline full is where a teacher comes from "
+                        "(--save-classifier), not a row to relabel")
+    if args.temperature is not None and not args.soft_labels:
+        raise UserError("--temperature is the temperature of --soft-labels: give --soft-labels TEACHER too")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UserError(f"--temperature must be positive, got {args.temperature}")
+    if args.save_classifier and args.baseline != 'full':
+        raise UserError("--save-classifier keeps the classifier of --baseline full (trained on the real training "
+                        "set) as a teacher: add --baseline full")
+    if args.save_classifier and args.test_bn == 'batch':
+        raise UserError("--save-classifier: a teacher labels in eval mode, so its test accuracy is measured in eval "
+                        "mode too: drop --test-bn batch")
+    if args.save_classifier and os.path.isdir(args.save_classifier):
+        raise UserError(f"--save-classifier {args.save_classifier} is a folder: give a file name in it, "
+                        "e.g. teacher.pth")
 
 
 def main():
@@ -107,9 +140,16 @@ def main():
     if ckpt is not None:
         check_compatible(ckpt, info, args.pretrain_weight)
     G = None if args.baseline else load_generator(ckpt, info, args.pretrain_weight, device)
+    # --soft-labels: the teacher, checked against the data before anything is written
+    teacher = load_teacher(args.soft_labels, info, device) if args.soft_labels else None
+    if teacher is not None:
+        args.temperature = args.temperature or DEFAULT_TEMPERATURE
     runlog = RunLog(args)
     seed_everything(args.seed)
     what = args.baseline or f'generator {args.pretrain_weight}'
+    if teacher is not None:
+        what += (f" with soft labels of the teacher {args.soft_labels} ({teacher[1]['architecture']}, test top-1 "
+                 f"{teacher[1]['test_top1']:.2f}%) at T {args.temperature:g}")
     if args.protocol == 'onthefly':
         iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration=False)
         print(f"validate {what} on {info.name}, protocol onthefly: ipc {args.ipc}, one epoch = {iters} "
@@ -122,7 +162,7 @@ def main():
               f"{args.num_eval} seed(s), test BN {args.test_bn}, device {device}, amp {args.amp}")
     try:
         report = run_evaluation(args, info, train_split, test_split, device, autocast(args.amp, device), G=G,
-                                checkpoint=args.pretrain_weight or None, runlog=runlog)
+                                checkpoint=args.pretrain_weight or None, runlog=runlog, teacher=teacher)
         path = os.path.join(runlog.results_dir, REPORT)
         write_json(report, path)
         print('\n' + markdown_table(report))
@@ -132,13 +172,18 @@ def main():
         runlog.close()
 
 
-def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, checkpoint=None, runlog=None):
-    """Evaluate every --eval-model under --protocol / --baseline with --num-eval seeds.
+def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, checkpoint=None, runlog=None,
+                   teacher=None):
+    """Evaluate every --eval-model under --protocol / --baseline with --num-eval seeds; with `teacher`
+    ((model, description) of utils.checkpoint.load_teacher: --soft-labels) on the teacher's labels at
+    --temperature.
 
     Returns the report dict written to results/<tag>/eval.json (docs/EVALUATION.md lists its fields).
     """
     method = args.baseline or 'dim'
     protocol = args.protocol
+    teacher_model, teacher_about = teacher if teacher is not None else (None, None)
+    save_to = getattr(args, 'save_classifier', None)  # --baseline full: keep a classifier as a teacher
     if method == 'dim' and G is None:
         raise ValueError("evaluating the generator needs G")
     if method != 'dim' and protocol != 'fixed':
@@ -188,7 +233,8 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         t0 = time.time()
         results = None
         if protocol == 'fixed' and args.stack and len(seeds) > 1:
-            results = train_stacked(name, train_sets, info, test_split, args, device, ctx, seeds, runlog, val_split)
+            results = train_stacked(name, train_sets, info, test_split, args, device, ctx, seeds, runlog, val_split,
+                                    teacher_model)
         stacked = results is not None
         if not stacked:
             results = []
@@ -196,12 +242,23 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
                 seed_everything(seed)
                 if protocol == 'onthefly':
                     r = train_on_generator(G, name, info, test_split, args, device, ctx, extra_iteration=False,
-                                           runlog=runlog, val_split=val_split)
+                                           runlog=runlog, val_split=val_split, teacher=teacher_model)
                     r.pop('seconds')
                 else:
-                    _, r = train_on_set(name, *train_sets[k], info, test_split, args, device, ctx, runlog,
-                                        val_split)
+                    model, r = train_on_set(name, *train_sets[k], info, test_split, args, device, ctx, runlog,
+                                            val_split, teacher_model)
+                    if save_to and k == 0:
+                        r['state_dict'] = model.state_dict()
                 results.append({'seed': seed, **r})
+        if save_to and name == args.eval_model[0]:
+            # the final weights of seed --seed, with the accuracy they score (tested in eval mode, as they label)
+            save_teacher(save_to, name, results[0]['state_dict'], info, test_top1=results[0]['top1'],
+                         test_top5=results[0]['top5'], seed=seeds[0], train_images=len(train_sets[0][1]),
+                         val_per_class=getattr(args, 'val_per_class', 0),
+                         recipe={'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr,
+                                 'batch_size': args.batch_size, 'aug_type': args.aug_type, 'stacked': stacked})
+            print(f"  [{name}] kept the classifier of seed {seeds[0]} (test top-1 {results[0]['top1']:.2f}) as a "
+                  f"teacher: {save_to}")
 
         # (4) the architecture's row: every accuracy per seed, with mean and std over the seeds
         row = summarise(name, results, time.time() - t0, stacked)
@@ -227,6 +284,11 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'format': REPORT_FORMAT,
         'protocol': protocol,
         'method': method,
+        # hard: cross-entropy on the set's labels; soft: every augmented batch labelled by the teacher
+        'labels': 'hard' if teacher_model is None else 'soft',
+        'temperature': None if teacher_model is None else args.temperature,
+        'teacher': teacher_about,
+        'saved_classifier': os.path.abspath(save_to) if save_to else None,
         'dataset': info.name,
         'num_classes': info.num_classes,
         'ipc': ipc,
@@ -251,6 +313,8 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
             'momentum': args.momentum, 'weight_decay': args.weight_decay,
             'lr_schedule': 'x0.1 after the first half of the epochs' if protocol == 'fixed' else 'constant',
+            'loss': 'cross-entropy (CutMix: lam-weighted over both labels)' if teacher_model is None else
+                    'KL(softmax(teacher/T) || softmax(student/T)) x T^2, summed over classes, averaged over the batch',
             'aug_type': args.aug_type, 'mixup_net': args.mixup_net, 'mix_p': args.mix_p, 'beta': args.beta,
             'test_interval': args.test_interval,
             'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
@@ -350,17 +414,24 @@ def summarise(architecture, results, seconds, stacked):
     return row
 
 
-def markdown_table(report):
-    """The report as a markdown table, one row per architecture."""
+def markdown_table(report, labels=None):
+    """The report as a markdown table, one row per architecture. A labels column (hard, or soft and the
+    temperature) when the report is a soft-label one, or when `labels` asks for it (misc/compare.py puts
+    hard and soft reports under one header)."""
     K = report['num_eval']
     ipc = report['ipc'] if report['ipc'] is not None else 'all'
     selected = report.get('val_per_class')
-    lines = ["| method | protocol | test BN | dataset | ipc | model | runs | top-1 final (mean ± std) "
+    soft = report.get('labels', 'hard') == 'soft'  # reports from before soft labels are hard
+    labels = soft if labels is None else labels
+    how = SOFT_CELL.format(**report) if soft else 'hard'
+    lines = ["| method | " + ("labels | " if labels else "") + "protocol | test BN | dataset | ipc | model | runs "
+             "| top-1 final (mean ± std) "
              + ("| top-1 at the test selected on held-out train images (mean ± std) " if selected else "")
              + "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if selected else "") + "---|---|"]
+             "|---|---|---|---|---|---|---|---|" + "---|" * (bool(labels) + bool(selected)) + "---|---|"]
     for r in report['rows']:
-        lines.append(f"| {report['method']} | {report['protocol']} | {report['test_bn']} | {report['dataset']} "
+        lines.append(f"| {report['method']} | " + (f"{how} | " if labels else "") + f"{report['protocol']} "
+                     f"| {report['test_bn']} | {report['dataset']} "
                      f"| {ipc} | {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
                      + (f"| {r['selected_top1_mean']:.2f} ± {r['selected_top1_std']:.2f} " if selected else "")
                      + f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "

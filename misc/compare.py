@@ -6,7 +6,9 @@
 The default table has every column of each report. --brief prints one row per report and one column per
 classifier (final top-1), with how many distinct images each training saw and, with --diagnose (a
 misc/diagnose.py report of the same generator checkpoint), how often that generator draws the class it
-is asked for.
+is asked for. When any report trained on a teacher's soft labels (validate.py --soft-labels), both tables
+get a labels column (hard, or soft with the temperature; reports from before soft labels are hard), so
+hard and soft rows stand side by side.
 """
 import argparse
 import json
@@ -15,13 +17,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.evaluate import iterations_per_epoch  # noqa: E402
-from validate import markdown_table  # noqa: E402
+from validate import SOFT_CELL, markdown_table  # noqa: E402
+
+
+def any_soft(reports):
+    return any(report.get('labels', 'hard') == 'soft' for report in reports)
+
+
+def labels_cell(report):
+    return SOFT_CELL.format(**report) if report.get('labels', 'hard') == 'soft' else 'hard'
 
 
 def full_tables(reports):
-    lines, header = [], None
+    lines, header, labels = [], None, any_soft(reports)
     for report in reports:
-        table = markdown_table(report).splitlines()
+        table = markdown_table(report, labels).splitlines()
         if table[0] != header:  # reports with other columns (e.g. --val-per-class) start a table of their own
             lines += ([''] if lines else []) + table[:2]
             header = table[0]
@@ -55,15 +65,15 @@ def brief_table(reports, diagnoses=()):
     one); a diagnose.json whose checkpoint is a report's generator gives that row its conditioning."""
     conditioning = {d['checkpoint']: d['G_eval_mode']['conditioning_top1'] for d in diagnoses}
     models = list(dict.fromkeys(m for report in reports for m in report['architectures']))
-    show_conditioning = bool(conditioning)
-    lines = ['| trained on | distinct training images | test BN '
+    show_conditioning, show_labels = bool(conditioning), any_soft(reports)
+    lines = ['| trained on | distinct training images | ' + ('labels | ' if show_labels else '') + 'test BN '
              + ('| G draws the asked class (judge) ' if show_conditioning else '')
              + ''.join(f'| {m} ' for m in models) + '|',
-             '|---|---|---|' + ('---|' if show_conditioning else '') + '---|' * len(models)]
+             '|---|---|---|' + '---|' * (show_labels + show_conditioning + len(models))]
     for report in reports:
         rows = {row['architecture']: row for row in report['rows']}
         cells = [row_name(report), f"{distinct_images(report):,} {'real' if report['method'] != 'dim' else 'generated'}",
-                 report['test_bn']]
+                 *([labels_cell(report)] if show_labels else []), report['test_bn']]
         if show_conditioning:
             value = conditioning.get(report.get('generator_checkpoint'))
             cells.append('–' if value is None else f'{value:.1f}%')

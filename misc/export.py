@@ -1,6 +1,7 @@
 """Write a fixed distilled set drawn from a DiM generator, for other benchmarks to load.
 
     python misc/export.py --pretrain-weight results/match/model_dict_convnet.pth --ipc 10 [--out DIR] [--seed S] [--png]
+                          [--soft-labels TEACHER]
 
 DIR (default results/export/<dataset>_ipc<N>_seed<S>) receives
   images.pt  float32 [N * classes, C, H, W], class-major (all of class 0, then class 1, ...),
@@ -8,6 +9,9 @@ DIR (default results/export/<dataset>_ipc<N>_seed<S>) receives
   labels.pt  int64 [N * classes]
   meta.json  dataset, mean, std, ipc, seed, shapes, generator checkpoint path and sha256
   png/<class>/<index>.png  with --png: the same images de-normalised to [0, 1], one folder per class
+  soft_labels.pt  with --soft-labels TEACHER: float32 [N * classes, classes], the teacher's logits for
+             each image (eval mode, not augmented, not divided by a temperature): what DD-Ranking's
+             soft-label mode "S" reads as the stored labels of a set (its loss applies the temperature)
 The images are exactly those `validate.py --protocol fixed --set-seed S` trains on (one drawing
 function, validate.draw_fixed_set). See docs/EVALUATION.md.
 """
@@ -23,10 +27,10 @@ if str(ROOT) not in sys.path:  # runnable as `python misc/export.py` from anywhe
 import torch  # noqa: E402
 
 from data.datasets import DATASET_CHOICES, DATASETS, IMAGEFOLDER, info_from_dict, load_dataset  # noqa: E402
-from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator  # noqa: E402
+from utils.checkpoint import check_compatible, is_official, load_checkpoint, load_generator, load_teacher  # noqa: E402
 from utils.cli import OneLineParser, run  # noqa: E402
 from data.errors import UserError  # noqa: E402
-from validate import draw_fixed_set, write_json  # noqa: E402
+from validate import DRAW_CHUNK, draw_fixed_set, write_json  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 EXPORT_FORMAT = 'dim-export/1'
@@ -39,6 +43,9 @@ def get_parser():
     p.add_argument('--out', default=None, help='output folder (default: results/export/<dataset>_ipc<N>_seed<S>)')
     p.add_argument('--seed', type=int, default=3407, help='seed of the noise (validate.py --set-seed)')
     p.add_argument('--png', action='store_true', help='also write png/<class>/<index>.png')
+    p.add_argument('--soft-labels', default=None, metavar='TEACHER',
+                   help='also write soft_labels.pt: the logits of TEACHER (a validate.py --save-classifier file) '
+                        'for every image, [N, classes], as DD-Ranking\'s soft-label mode reads them')
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
     g = p.add_argument_group('only for checkpoints in the official format (they do not record these)')
     g.add_argument('--data', default=None, metavar='{' + ','.join(DATASET_CHOICES) + '}')
@@ -65,8 +72,16 @@ def dataset_info(args, ckpt):
     return DATASETS[args.data]
 
 
-def export(G, info, ipc, seed, out, device, checkpoint, png=False):
-    """Draw the set and write images.pt, labels.pt, meta.json (and png/). Returns (images, labels)."""
+@torch.no_grad()
+def teacher_outputs(teacher, images, device, chunk=DRAW_CHUNK):
+    """The teacher's logits for every image of a set, float32 on the CPU (the teacher is in eval mode:
+    each image is labelled alone, so the chunking changes nothing)."""
+    return torch.cat([teacher(part.to(device)).float().cpu() for part in images.split(chunk)])
+
+
+def export(G, info, ipc, seed, out, device, checkpoint, png=False, teacher=None):
+    """Draw the set and write images.pt, labels.pt, meta.json (and png/; with `teacher`, (model,
+    description) of utils.checkpoint.load_teacher, soft_labels.pt). Returns (images, labels)."""
     images, labels = draw_fixed_set(G, info, ipc, seed, device)
     images, labels = images.cpu().contiguous(), labels.cpu().long()
     try:
@@ -75,6 +90,8 @@ def export(G, info, ipc, seed, out, device, checkpoint, png=False):
         raise UserError(f"cannot create {out}: {e.strerror}") from None
     torch.save(images, os.path.join(out, 'images.pt'))
     torch.save(labels, os.path.join(out, 'labels.pt'))
+    if teacher is not None:
+        torch.save(teacher_outputs(teacher[0], images, device), os.path.join(out, 'soft_labels.pt'))
     if png:
         import torchvision
 
@@ -105,6 +122,10 @@ def export(G, info, ipc, seed, out, device, checkpoint, png=False):
         'generator_checkpoint': os.path.abspath(checkpoint),
         'generator_sha256': sha256,
         'png': png,
+        'soft_labels': None if teacher is None else {
+            'file': 'soft_labels.pt', 'shape': [len(labels), info.num_classes],
+            'what': "the teacher's logits (pre-softmax, no temperature) of each image of images.pt, in eval mode",
+            'teacher': teacher[1]},
     }, os.path.join(out, 'meta.json'))
     return images, labels
 
@@ -118,10 +139,11 @@ def main(argv=None):
     check_compatible(ckpt, info, args.pretrain_weight)  # an official file: its sizes against --data
     device = select_device(args.device)
     G = load_generator(ckpt, info, args.pretrain_weight, device)
+    teacher = load_teacher(args.soft_labels, info, device) if args.soft_labels else None
     out = args.out or os.path.join('results', 'export', f'{info.name}_ipc{args.ipc}_seed{args.seed}')
-    images, _ = export(G, info, args.ipc, args.seed, out, device, args.pretrain_weight, args.png)
+    images, _ = export(G, info, args.ipc, args.seed, out, device, args.pretrain_weight, args.png, teacher)
     print(f"wrote {len(images)} images ({args.ipc} per class, {info.name}) to {out}: images.pt, labels.pt, "
-          f"meta.json{', png/' if args.png else ''}")
+          f"{'soft_labels.pt, ' if teacher else ''}meta.json{', png/' if args.png else ''}")
 
 
 if __name__ == '__main__':

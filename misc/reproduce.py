@@ -6,6 +6,7 @@ both protocols, beside a random real subset and the full training set, all throu
     python misc/reproduce.py cifar10-jpeg --data-dir /scratch/cifar10-jpeg   # shared/datasets' JPEG copy
     python misc/reproduce.py cifar10 --schedule paper    # the paper's schedule, for a GPU
     python misc/reproduce.py digits --collect            # only gather the finished rows into docs/
+    python misc/reproduce.py digits --labels soft --resume   # add the soft-label rows to a finished run
 
 It runs the three scripts as a user would (subprocesses, tags repro-<dataset>-<schedule>-*), so each
 step is resumable: after an interruption, run the same command with --resume; a finished step (its
@@ -17,6 +18,11 @@ copies the final sample grids to figs/.
 Evaluation rows use held-out real training images for selection (--val-per-class), several seeds each
 drawing its own set (--num-eval), and the generator of the last epoch of each stage (no selection on
 the test set anywhere in the pipeline).
+
+--labels soft (or --labels hard soft) adds rows trained on a teacher's soft labels (validate.py
+--soft-labels): first the teacher (the full row's first classifier, kept with --save-classifier; when the
+full row ran without keeping one, a one-seed row of its own, tag `teacher`), then, at each ipc, the soft
+twin of every hard row but the full one (tags ending in -soft), at the default temperature.
 """
 import argparse
 import glob
@@ -33,7 +39,7 @@ sys.path.insert(0, ROOT)
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 RESULTS_MD = os.path.join(ROOT, 'docs', 'RESULTS.md')
 
-from misc.schedules import schedule_for  # noqa: E402
+from misc.schedules import SOFT_SUFFIX, TEACHER_FILE, TEACHER_TAG, schedule_for  # noqa: E402
 
 # Datasets of this script that the stages read under another --data: the lossy JPEG copy of CIFAR-10 in
 # shared/datasets is an image folder (train/<class>/, test/<class>/), kept apart from real CIFAR-10 so
@@ -73,6 +79,7 @@ class Reproduction:
         # classifiers other than the schedule's are rows of their own: their tags carry the model names
         self.models = tuple(args.eval_model or self.s['eval_models'])
         self.model_suffix = '' if self.models == tuple(self.s['eval_models']) else '-' + '-'.join(self.models)
+        self.labels = tuple(getattr(args, 'labels', None) or ('hard',))
 
     def started(self):
         """Whether an earlier run of this reproduction left anything under results/."""
@@ -138,27 +145,51 @@ class Reproduction:
                             # up to float rounding as one after another; this keeps reruns bit-identical)
                             '--stack', '--eval-model', *self.models, *flags, log=self.log))
 
+    def full_flags(self):
+        return ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
+                '--test-interval', max(1, self.s['full_epochs'] // 3)]
+
+    def teacher(self):
+        """The soft rows' teacher file, trained first if need be: the full row keeps its first classifier
+        (--save-classifier) when it has yet to run; a full row that ran without keeping one gets a teacher
+        row of its own (one seed, the full row's recipe)."""
+        kept = self.path('full' + self.model_suffix, TEACHER_FILE)
+        if os.path.exists(kept) or not os.path.exists(self.path('full' + self.model_suffix, 'eval.json')):
+            self.evaluate('eval full', 'full', self.full_flags() + ['--save-classifier', kept])
+            return kept
+        own = self.path(TEACHER_TAG + self.model_suffix, TEACHER_FILE)
+        # --num-eval 1 after evaluate()'s own --num-eval: the last one given counts
+        self.evaluate(f'eval {TEACHER_TAG}', TEACHER_TAG,
+                      self.full_flags() + ['--num-eval', 1, '--save-classifier', own])
+        return own
+
     def all(self):
         print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")
         print(f"log of every step: {os.path.relpath(self.log, ROOT)}")
         generators = {'1': self.stage1()}
         if self.s.get('stage2'):
             generators['1+2'] = self.stage2(generators['1'])
+        # each set of labels asked for: (tag suffix, extra validate.py flags); the teacher comes first
+        labels = [('', [])] if 'hard' in self.labels else []
+        if 'soft' in self.labels:
+            labels.append((SOFT_SUFFIX, ['--soft-labels', self.teacher()]))
         # ipc 1 and 10 first, then the full training set, then ipc 50: the cheapest rows come first
         ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
         for ipc in ipcs:
             if self.args.rows and str(ipc) not in self.args.rows:
                 continue
-            if ipc == 'full':
-                self.evaluate('eval full', 'full', ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
-                                                    '--test-interval', max(1, self.s['full_epochs'] // 3)])
+            if ipc == 'full':  # hard labels only: the full row is where the teacher comes from
+                if 'hard' in self.labels:
+                    self.evaluate('eval full', 'full', self.full_flags())
                 continue
-            for stages, weight in generators.items():
-                for protocol in ('onthefly', 'fixed'):
-                    tag = f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}"
-                    self.evaluate(f'eval {tag}', tag, ['--pretrain-weight', weight, '--protocol', protocol,
-                                                       '--ipc', ipc])
-            self.evaluate(f'eval random-ipc{ipc}', f'random-ipc{ipc}', ['--baseline', 'random', '--ipc', ipc])
+            for suffix, flags in labels:
+                for stages, weight in generators.items():
+                    for protocol in ('onthefly', 'fixed'):
+                        tag = f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}{suffix}"
+                        self.evaluate(f'eval {tag}', tag, ['--pretrain-weight', weight, '--protocol', protocol,
+                                                           '--ipc', ipc, *flags])
+                self.evaluate(f'eval random-ipc{ipc}{suffix}', f'random-ipc{ipc}{suffix}',
+                              ['--baseline', 'random', '--ipc', ipc, *flags])
         grids = sorted(glob.glob(self.path('s1', os.path.join('outputs', 'img_*.png'))),
                        key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
         if grids:
@@ -181,6 +212,10 @@ def get_parser():
     p.add_argument('--eval-model', nargs='+', default=None, metavar='MODEL',
                    help="classifiers of the evaluation rows (default: the schedule's); other than the "
                         "schedule's, they are rows of their own (tags ending in -MODEL)")
+    p.add_argument('--labels', nargs='+', default=['hard'], choices=('hard', 'soft'),
+                   help="hard: the rows on the sets' own labels; soft: the same rows (but the full one) on the "
+                        "labels of a teacher trained on the full training set (validate.py --soft-labels), "
+                        "tags ending in -soft; the teacher is trained first if no row kept one")
     p.add_argument('--resume', action='store_true',
                    help='continue the earlier run of this reproduction (also to add rows or models to it): '
                         'finished steps are skipped, a stopped stage continues where it stopped')

@@ -1,5 +1,8 @@
 """Gather the eval.json files that misc/reproduce.py left under results/repro-* into docs/results.json
-(one record per dataset, protocol, method, stages, ipc, architecture and selection) and docs/RESULTS.md.
+(one record per dataset, protocol, method, stages, ipc, architecture, labels and selection) and
+docs/RESULTS.md. Records of soft-label rows (validate.py --soft-labels) carry `labels: soft`, the
+temperature and the teacher; records from before soft labels are hard. The teacher's own row (tag
+`teacher`) is not a result and is left out.
 
     python misc/results.py            # the same as: python misc/reproduce.py DATASET --collect
 
@@ -16,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from misc.schedules import schedule_for  # noqa: E402
+from misc.schedules import TEACHER_TAG, schedule_for  # noqa: E402
 
 TAG = re.compile(r'repro-(?P<dataset>[a-z0-9-]+?)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
 # how the accuracy of one classifier is read: at the last epoch, at the periodic test chosen on held-out
@@ -44,11 +47,14 @@ def records_of(report_path, schedules, times):
     with open(report_path) as f:
         report = json.load(f)
     tag = m['tag']
+    if tag == TEACHER_TAG or tag.startswith(TEACHER_TAG + '-'):
+        return []  # the soft rows' teacher: a classifier kept, not a row of the tables
     stages = None
     if report['method'] == 'dim':
         stages = '1+2' if tag.startswith('dim-s12-') else '1'
     key = f'eval {tag}'
     step = times.get(key, {})
+    teacher = report.get('teacher') or {}
     out = []
     for row in report['rows']:
         for selection, field in SELECTIONS.items():
@@ -58,6 +64,8 @@ def records_of(report_path, schedules, times):
             out.append({
                 'dataset': m['dataset'], 'protocol': report['protocol'], 'method': report['method'],
                 'stages': stages, 'ipc': report['ipc'], 'arch': row['architecture'], 'test_bn': report['test_bn'],
+                'labels': report.get('labels', 'hard'), 'temperature': report.get('temperature'),
+                'teacher': {k: teacher.get(k) for k in ('architecture', 'sha256', 'test_top1')} if teacher else None,
                 'selection': selection, 'mean': round(row[f'{field}_mean'], 2), 'std': round(row[f'{field}_std'], 2),
                 'seeds': row['seeds'], 'set_seeds': report.get('set_seeds'),
                 'accuracies': [round(v, 2) for v in row[field]],
@@ -72,11 +80,12 @@ def records_of(report_path, schedules, times):
     return out
 
 
-RECORD_KEY = ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'selection')
+RECORD_KEY = ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'labels', 'selection')
+BEFORE_SOFT_LABELS = {'labels': 'hard', 'temperature': None, 'teacher': None}  # what older records lack
 
 
 def _key(record):
-    return (record['schedule']['name'],) + tuple(record[k] for k in RECORD_KEY)
+    return (record['schedule']['name'],) + tuple({**BEFORE_SOFT_LABELS, **record}[k] for k in RECORD_KEY)
 
 
 def collect(results_dir, json_path, md_path):
@@ -100,8 +109,8 @@ def collect(results_dir, json_path, md_path):
         for record in records_of(path, {m['schedule']: schedule}, times):
             found[_key(record)] = record
     earlier = json.load(open(json_path)) if os.path.exists(json_path) else {}
-    # records from before eval.json named the hardware say so with None
-    kept = [{'hardware': None, **r} for r in earlier.get('records', []) if _key(r) not in found]
+    # records from before eval.json named the hardware say so with None; those from before soft labels are hard
+    kept = [{'hardware': None, **BEFORE_SOFT_LABELS, **r} for r in earlier.get('records', []) if _key(r) not in found]
     records = kept + list(found.values())
     stage_times = {name: {**earlier.get('stage_wall_s', {}).get(name, {}), **stage_times.get(name, {})}
                    for name in sorted({*earlier.get('stage_wall_s', {}), *stage_times})}
@@ -135,33 +144,41 @@ def _cell(records, **match):
     return f"{r['mean']:.1f} ± {r['std']:.1f}"
 
 
+# the tables' columns between ipc and the full training set: heading, and what a record of it matches
+COLUMNS = [('random real subset', dict(method='random')),
+           ('DiM stage 1, on the fly', dict(method='dim', stages='1', protocol='onthefly')),
+           ('DiM stage 1, fixed set', dict(method='dim', stages='1', protocol='fixed')),
+           ('DiM stages 1+2, on the fly', dict(method='dim', stages='1+2', protocol='onthefly')),
+           ('DiM stages 1+2, fixed set', dict(method='dim', stages='1+2', protocol='fixed'))]
+
+
 def markdown(records, stage_times):
     """The measured tables, one per dataset, schedule and architecture (held-out selection), with the
-    quoted published numbers in separate columns."""
+    quoted published numbers in separate columns; where soft-label rows exist, a second table under it
+    puts each column's hard and soft rows side by side."""
     lines = []
     keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records})
     for dataset, schedule, arch in keys:
-        mine = [r for r in records if r['dataset'] == dataset and r['schedule']['name'] == schedule
-                and r['arch'] == arch and r['selection'] == 'held-out']
+        mine = [{**BEFORE_SOFT_LABELS, **r} for r in records if r['dataset'] == dataset
+                and r['schedule']['name'] == schedule and r['arch'] == arch and r['selection'] == 'held-out']
         quoted = QUOTED.get(dataset, {}) if arch == 'convnet' else {}
         qcols = [k for k in ('random', 'DC', 'DSA', 'IDC') if k in quoted]
         lines += [f'## {dataset}, {schedule} schedule, {arch}', '']
-        header = ['ipc', 'random real subset', 'DiM stage 1, on the fly', 'DiM stage 1, fixed set',
-                  'DiM stages 1+2, on the fly', 'DiM stages 1+2, fixed set', 'full training set']
+        header = ['ipc'] + [title for title, _ in COLUMNS] + ['full training set']
         header += [f'{k} (quoted)' for k in qcols]
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-        full = _cell(mine, method='full')
-        for ipc in sorted({r['ipc'] for r in mine if r['ipc'] is not None}):
-            cells = [str(ipc), _cell(mine, method='random', ipc=ipc),
-                     _cell(mine, method='dim', stages='1', protocol='onthefly', ipc=ipc),
-                     _cell(mine, method='dim', stages='1', protocol='fixed', ipc=ipc),
-                     _cell(mine, method='dim', stages='1+2', protocol='onthefly', ipc=ipc),
-                     _cell(mine, method='dim', stages='1+2', protocol='fixed', ipc=ipc), full]
+        full = _cell(mine, method='full', labels='hard')
+        ipcs = sorted({r['ipc'] for r in mine if r['ipc'] is not None})
+        for ipc in sorted({r['ipc'] for r in mine if r['ipc'] is not None and r['labels'] == 'hard'}):
+            cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels='hard') for _, match in COLUMNS] + [full]
             cells += [str(quoted[k].get(ipc, '–')) for k in qcols]
             lines.append('| ' + ' | '.join(cells) + ' |')
         if quoted:
             lines += ['', f"Quoted columns (published, not measured here): {quoted['source']}."
                       + (f" Full training set (quoted): {quoted['full'][None]}." if 'full' in quoted else '')]
+        soft = [r for r in mine if r['labels'] == 'soft']
+        if soft:
+            lines += soft_table(mine, soft, ipcs, full)
         times = stage_times.get(f'{dataset}/{schedule}', {})
         if times:
             first = mine[0] if mine else {}
@@ -171,6 +188,29 @@ def markdown(records, stage_times):
                       + f" ({where})."]
         lines.append('')
     return '\n'.join(lines) + '\n'
+
+
+def soft_table(mine, soft, ipcs, full):
+    """Lines of the hard-against-soft table: each column that has soft rows as a hard and a soft column,
+    the full training set (hard) at the end, and the teachers (file, own test accuracy, temperature)."""
+    cols = [(title, match) for title, match in COLUMNS
+            if any(all(r.get(k) == v for k, v in match.items()) for r in soft)]
+    header = ['ipc'] + [f'{title}, {labels}' for title, _ in cols for labels in ('hard', 'soft')]
+    header += ['full training set (hard)']
+    lines = ['', "Hard labels against a teacher's soft labels (`validate.py --soft-labels`: every training batch, "
+             "after augmentation, labelled by a classifier trained on the full training set):", '',
+             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for ipc in ipcs:
+        cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels=labels) for _, match in cols
+                              for labels in ('hard', 'soft')] + [full]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    teachers = {(r['teacher'] or {}).get('sha256'): r for r in soft}
+    for sha, r in sorted(teachers.items(), key=lambda item: str(item[0])):
+        t = r['teacher'] or {}
+        accuracy = f"{t['test_top1']:.1f}%" if t.get('test_top1') is not None else 'not recorded'
+        lines += ['', f"Teacher: {t.get('architecture', '?')} (sha256 {str(sha)[:12]}), its own test top-1 {accuracy}; "
+                  f"temperature {r['temperature']:g}; loss KL(softmax(teacher/T) || softmax(student/T)) x T^2."]
+    return lines
 
 
 if __name__ == '__main__':

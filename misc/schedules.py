@@ -29,3 +29,10 @@ def schedule_for(dataset, name):
         raise SystemExit(f"error: no cpu schedule for {dataset}; choose from {', '.join(SCHEDULES['cpu'])} "
                          "or use --schedule paper")
     return SCHEDULES['cpu'][dataset]
+
+
+# misc/reproduce.py --labels soft: the teacher is the full row's first classifier, kept by validate.py
+# --save-classifier as TEACHER_FILE in that row's folder; when the full row ran without keeping one, a
+# row of its own (tag TEACHER_TAG, one seed) trains it, which misc/results.py does not list as a result.
+# Soft rows carry SOFT_SUFFIX in their tags.
+TEACHER_TAG, TEACHER_FILE, SOFT_SUFFIX = 'teacher', 'teacher.pth', '-soft'

@@ -271,3 +271,123 @@ def test_reproduce_reads_the_cifar10_jpeg_copy_as_an_image_folder(tmp_path, monk
     monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'cifar10-jpeg'])
     with pytest.raises(SystemExit, match='cifar10-jpeg needs --data-dir'):
         reproduce.main()
+
+
+# -- soft labels (--labels soft): the teacher first, then the soft twin of every row but the full one ---
+
+def _tags(calls):
+    return [f[f.index('--tag') + 1] for _, f in calls]
+
+
+def test_reproduce_labels_hard_soft_keeps_the_full_rows_classifier_as_the_teacher(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
+    args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['1'], eval_model=None,
+                     labels=['hard', 'soft'])
+    reproduce.Reproduction(args).all()
+    teacher = str(tmp_path / 'results' / 'repro-mnist-cpu-full' / 'teacher.pth')
+    tags = _tags(calls)
+    # the stage, then the full row keeping its classifier (a soft row needs it), then hard and soft rows
+    assert tags == ['repro-mnist-cpu-s1', 'repro-mnist-cpu-full', 'repro-mnist-cpu-dim-s1-onthefly-ipc1',
+                    'repro-mnist-cpu-dim-s1-fixed-ipc1', 'repro-mnist-cpu-random-ipc1',
+                    'repro-mnist-cpu-dim-s1-onthefly-ipc1-soft', 'repro-mnist-cpu-dim-s1-fixed-ipc1-soft',
+                    'repro-mnist-cpu-random-ipc1-soft']
+    full = calls[1][1]
+    assert full[full.index('--save-classifier') + 1] == teacher and full[full.index('--baseline') + 1] == 'full'
+    for _, flags in calls[2:5]:
+        assert '--soft-labels' not in flags
+    for _, flags in calls[5:]:
+        assert flags[flags.index('--soft-labels') + 1] == teacher and '--stack' in flags
+
+
+def test_reproduce_labels_soft_resume_adds_a_teacher_row_to_a_finished_run(tmp_path, monkeypatch):
+    """The published runs' full rows kept no classifier: --labels soft --resume trains a teacher row of its
+    own (one seed, the full row's recipe), then only the soft rows; a second call runs nothing."""
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
+    monkeypatch.setattr('misc.results.collect', lambda *paths: None)
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--data-dir', 'data', '--device', 'cpu',
+                                      '--rows', '1', 'full'])
+    reproduce.main()  # the hard rows, as published: the full row without --save-classifier
+    assert all('--save-classifier' not in f for _, f in calls)
+    done = len(calls)
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'mnist', '--data-dir', 'data', '--device', 'cpu',
+                                      '--rows', '1', 'full', '--labels', 'soft', '--resume'])
+    reproduce.main()
+    added = calls[done:]
+    teacher = str(tmp_path / 'results' / 'repro-mnist-cpu-teacher' / 'teacher.pth')
+    assert _tags(added) == ['repro-mnist-cpu-teacher', 'repro-mnist-cpu-dim-s1-onthefly-ipc1-soft',
+                            'repro-mnist-cpu-dim-s1-fixed-ipc1-soft', 'repro-mnist-cpu-random-ipc1-soft']
+    flags = added[0][1]
+    assert flags[flags.index('--save-classifier') + 1] == teacher and flags[flags.index('--baseline') + 1] == 'full'
+    num_eval = [flags[i + 1] for i, f in enumerate(flags) if f == '--num-eval']
+    assert num_eval[-1] == '1'  # one seed: the last --num-eval given counts
+    assert flags[flags.index('--epochs-eval', flags.index('--baseline')) + 1] == '1'  # the full row's epochs
+    assert all(f[f.index('--soft-labels') + 1] == teacher for _, f in added[1:])
+    (tmp_path / 'results' / 'repro-mnist-cpu-teacher' / 'teacher.pth').write_text('')
+    done = len(calls)
+    reproduce.main()
+    assert len(calls) == done  # everything is there: nothing runs again
+
+
+@pytest.fixture(scope='module')
+def soft_reports(reports, tmp_path_factory):
+    """The module's reports plus a soft-label random row and the teacher's own row, as misc/reproduce.py
+    --labels soft leaves them."""
+    import shutil
+
+    from utils.checkpoint import load_teacher
+    root = tmp_path_factory.mktemp('soft') / 'results'
+    shutil.copytree(reports[0], root)
+    info, train, test = load_dataset('digits')
+    test = type(test)(test.images[:40], test.labels[:40])
+    small = type(train)(train.images[:60], train.labels[:60])
+    path = str(root / 'repro-digits-cpu-teacher' / 'teacher.pth')
+    own = run_evaluation(eval_args(baseline='full', epochs_eval=1, batch_size=20, save_classifier=path), info, small,
+                         test, CPU, NOCTX)
+    (root / 'repro-digits-cpu-teacher' / 'eval.json').write_text(json.dumps(own))
+    soft = run_evaluation(_args(baseline='random', temperature=20.0), info, train, test, CPU, NOCTX,
+                          teacher=load_teacher(path, info))
+    (root / 'repro-digits-cpu-random-ipc1-soft').mkdir()
+    (root / 'repro-digits-cpu-random-ipc1-soft' / 'eval.json').write_text(json.dumps(soft))
+    return root, soft
+
+
+def test_collect_puts_hard_and_soft_rows_side_by_side(reports, soft_reports, tmp_path):
+    root, soft = soft_reports
+    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
+    collect(str(root), str(out), str(md))
+    records = json.loads(out.read_text())['records']
+    assert len(records) == 3 * 3  # the teacher's own row is not a result
+    assert {r['labels'] for r in records} == {'hard', 'soft'} and not [r for r in records if r['method'] == 'full']
+    held = next(r for r in records if r['labels'] == 'soft' and r['selection'] == 'held-out')
+    assert held['method'] == 'random' and held['temperature'] == 20.0
+    assert held['teacher']['sha256'] == soft['teacher']['sha256'] and held['teacher']['architecture'] == 'convnet'
+    text = md.read_text()
+    hard_row = reports[1]['random-ipc1']['rows'][0]
+    soft_row = soft['rows'][0]
+    hard_cell = f"{hard_row['selected_top1_mean']:.1f} ± {hard_row['selected_top1_std']:.1f}"
+    soft_cell = f"{soft_row['selected_top1_mean']:.1f} ± {soft_row['selected_top1_std']:.1f}"
+    assert f'| 1 | {hard_cell} |' in text  # the hard table as before
+    assert '| ipc | random real subset, hard | random real subset, soft | full training set (hard) |' in text
+    assert f'| 1 | {hard_cell} | {soft_cell} | – |' in text
+    assert f"Teacher: convnet (sha256 {soft['teacher']['sha256'][:12]})" in text and 'temperature 20' in text
+    # records written before soft labels existed are hard, and keep their place
+    old = json.loads(out.read_text())
+    for record in old['records']:
+        for key in ('labels', 'temperature', 'teacher'):
+            del record[key]
+    out.write_text(json.dumps(old))
+    collect(str(tmp_path / 'no-results'), str(out), str(md))
+    assert {r['labels'] for r in json.loads(out.read_text())['records']} == {'hard'}
+
+
+def test_compare_shows_the_labels_of_hard_and_soft_reports(reports, soft_reports):
+    root, _ = soft_reports
+    paths = [str(root / f'repro-digits-cpu-{t}' / 'eval.json') for t in ('random-ipc1', 'random-ipc1-soft')]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'compare.py'), *paths], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.count('| method | labels |') == 1
+    assert '| random | hard | fixed |' in out and '| random | soft, T 20 | fixed |' in out
+    brief = subprocess.run([sys.executable, os.path.join(ROOT, 'misc', 'compare.py'), '--brief', *paths],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert brief[0].startswith('| trained on | distinct training images | labels | test BN |')
+    assert brief[2].split(' | ')[2] == 'hard' and brief[3].split(' | ')[2] == 'soft, T 20'

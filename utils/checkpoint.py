@@ -12,8 +12,13 @@ entry point reads it alike: the state dicts renamed, the optimizer states re-ind
 repository's parameter order, and `generator_config` / `discriminator_config` inferred from the tensor
 shapes. It stays "official" (no `format`): it records no dataset, so `check_compatible` compares the
 inferred sizes with the data the flags select, and --resume refuses it.
+
+A teacher (`save_teacher`, `load_teacher`: validate.py --save-classifier and --soft-labels) is a file of
+its own format, TEACHER_FORMAT: one classifier with its architecture, dataset and normalisation.
 """
 import glob
+import hashlib
+import io
 import os
 import tempfile
 from collections import OrderedDict
@@ -21,12 +26,14 @@ from collections.abc import Mapping
 
 import torch
 
+from models import create_model, list_models
 from models.gan import (OFFICIAL_DISCRIMINATOR_NAMES, OFFICIAL_GENERATOR_NAMES, Discriminator,
                         Generator)
 from data.errors import UserError
 from utils.runtime import load_optimizer_state
 
 FORMAT = 'dim-repro/1'
+TEACHER_FORMAT = 'dim-teacher/1'  # a classifier kept to label training batches (validate.py --soft-labels)
 LAST = 'last.pth'  # rolling checkpoint that --resume picks up
 TMP_PREFIX, TMP_SUFFIX = '.tmp-', '.pth'  # partial writes; never picked up by --resume
 # what --resume needs besides the weights to continue exactly where the run stopped
@@ -114,7 +121,9 @@ def check_resumable(ckpt, path, stage):
 
 
 def is_official(ckpt):
-    return ckpt.get('format') != FORMAT
+    """Whether a loaded file is in the official layout: it carries neither of this repository's formats
+    (a GAN checkpoint's nor a teacher's)."""
+    return ckpt.get('format') not in (FORMAT, TEACHER_FORMAT)
 
 
 def checkpoint_data(ckpt):
@@ -192,6 +201,63 @@ def load_gan_state(nets, ckpt, path):
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{path}: its {key} does not fit ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+# -- the teacher of soft labels -----------------------------------------------------------------
+# A teacher file is a dict: `format` (TEACHER_FORMAT), `architecture` (a models/ registry name),
+# `dataset` (the DatasetInfo as a dict: its mean and std are the normalisation the teacher's inputs
+# had), `state_dict`, and what describes it: `test_top1` / `test_top5` (its own accuracy on the real
+# test set, BatchNorm in eval mode, as it labels), `seed`, `train_images`, `val_per_class`, `recipe`,
+# `torch`. Only tensors, numbers, strings, lists and dicts: it loads with weights_only=True.
+TEACHER_KEYS = ('architecture', 'dataset', 'state_dict', 'test_top1')
+WRITES_A_TEACHER = '`validate.py --baseline full --save-classifier PATH` writes one'
+
+
+def save_teacher(path, architecture, state_dict, info, **record):
+    """Keep a classifier trained on the real training set as a teacher (atomically, as every checkpoint).
+    `record`: test_top1, test_top5, seed, train_images, val_per_class, recipe (see above)."""
+    save_checkpoint({'format': TEACHER_FORMAT, 'architecture': architecture, 'dataset': info.to_dict(),
+                     'state_dict': {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+                     'torch': str(torch.__version__), **record}, path)
+
+
+def load_teacher(path, info, device='cpu'):
+    """The teacher of --soft-labels, rebuilt on `device` in eval mode and frozen (no parameter takes a
+    gradient, so no optimizer can move it). A file that is not a teacher, or one trained on other data or
+    with another normalisation than `info`, is a one-line UserError. Returns (model, description): the
+    description is what eval.json records, the file's sha256 and the teacher's own test accuracy among it."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"--soft-labels: teacher not found: {path}")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        ckpt = torch.load(io.BytesIO(raw), map_location='cpu', weights_only=True)
+    except Exception as e:  # a torn file, a pickle of other objects (a GAN checkpoint with its RNG states)
+        raise UserError(f"--soft-labels: cannot read {path} as a teacher: truncated or not a teacher checkpoint "
+                        f"({type(e).__name__}); {WRITES_A_TEACHER}") from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != TEACHER_FORMAT:
+        what = 'a generator checkpoint' if isinstance(ckpt, dict) and 'generator' in ckpt else 'another kind of file'
+        raise UserError(f"--soft-labels: {path} is {what}, not a teacher; {WRITES_A_TEACHER}")
+    missing = [k for k in TEACHER_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"--soft-labels: {path} is a damaged teacher checkpoint (missing {', '.join(missing)})")
+    check_compatible(ckpt, info, path)
+    stored = ckpt['dataset']
+    mean, std = list(stored.get('mean', ())), list(stored.get('std', ()))
+    if (mean, std) != (list(info.mean), list(info.std)):
+        # the teacher would see inputs shifted and scaled other than in its training: wrong labels, silently
+        raise UserError(f"--soft-labels: {path} was trained on inputs normalised with mean {mean} and std {std}, "
+                        f"but {info.name} as the flags give it uses mean {list(info.mean)} and std {list(info.std)}")
+    if ckpt['architecture'] not in list_models():
+        raise UserError(f"--soft-labels: {path} holds an unknown architecture {ckpt['architecture']!r}")
+    model = create_model(ckpt['architecture'], info.num_classes, info.channels, info.img_size,
+                         stem=stored.get('resnet_stem', info.resnet_stem))
+    load_state(model, ckpt['state_dict'], path, 'teacher')
+    model.to(device).eval().requires_grad_(False)
+    description = {'path': os.path.abspath(path), 'sha256': hashlib.sha256(raw).hexdigest(),
+                   'architecture': ckpt['architecture'], 'dataset': stored.get('name'),
+                   **{k: ckpt.get(k) for k in ('test_top1', 'test_top5', 'seed', 'train_images', 'val_per_class')}}
+    return model, description
 
 
 # -- the official layout ------------------------------------------------------------------------

@@ -213,9 +213,15 @@ def check_flags(args):
 
 def check_output_dirs(args):
     """Refuse, before anything is written, a --output-dir or --logs-dir where results/<tag> or
-    logs/<tag> cannot be created: a file in the way, or a folder this user cannot write."""
-    for flag, root in (('--output-dir', args.output_dir), ('--logs-dir', args.logs_dir)):
-        folder = os.path.abspath(os.path.join(root, args.tag))
+    logs/<tag> cannot be created (and validate.py's --save-classifier where its folder cannot): a file
+    in the way, or a folder this user cannot write."""
+    wanted = [(flag, root, os.path.join(root, args.tag))
+              for flag, root in (('--output-dir', args.output_dir), ('--logs-dir', args.logs_dir))]
+    if getattr(args, 'save_classifier', None):
+        path = os.path.abspath(args.save_classifier)
+        wanted.append(('--save-classifier', args.save_classifier, os.path.dirname(path)))
+    for flag, root, folder in wanted:
+        folder = os.path.abspath(folder)
         probe = folder
         while not os.path.exists(probe) and os.path.dirname(probe) != probe:
             probe = os.path.dirname(probe)  # the deepest part that exists decides

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from data.datasets import TEST_BATCH, to_classifier_input
 from utils.augment import DiffAug
 from utils.evaluate import (PeriodicTests, build_classifier, classifier_optimizer, count_correct, maybe_cutmix,
-                            test_batch_size)
+                            soft_label_loss, teacher_logits, test_batch_size)
 from utils.runtime import make_scaler, seed_everything
 
 
@@ -154,11 +154,12 @@ def group_test(group, test_split, info, device, ctx, bn='running', batch_size=TE
 
 
 def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, seeds, runlog=None,
-                  val_split=None):
+                  val_split=None, teacher=None):
     """Train one classifier per seed, model k on `train_sets[k]` ((images, labels), all of one size),
-    all K stacked, with the recipe of utils.evaluate.train_on_set. Returns one result per seed (with
-    its `state_dict`), or None, after one printed line, when vmap cannot run this architecture (the
-    caller then trains the seeds one after another)."""
+    all K stacked, with the recipe of utils.evaluate.train_on_set (a `teacher`, --soft-labels, labels
+    each model's augmented batch as there). Returns one result per seed (with its `state_dict`), or
+    None, after one printed line, when vmap cannot run this architecture (the caller then trains the
+    seeds one after another)."""
     ok, why = can_stack(model_name, info, device, ctx)
     if not ok:
         print(f"  [{model_name}] cannot train the {len(seeds)} seeds stacked ({why}); one after another")
@@ -204,9 +205,16 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
                     ya.append(y)
                     yb.append(y_b)
                     lam.append(lam_k)
+                batch = torch.stack(xs)
                 with ctx:
-                    logits = group.forward(torch.stack(xs))
-                loss = group_loss(logits, torch.stack(ya), torch.stack(yb), torch.tensor(lam, device=device))
+                    logits = group.forward(batch)
+                    # the teacher labels the K batches in one pass (eval mode: each image alone)
+                    soft = teacher_logits(teacher, batch) if teacher is not None else None
+                if soft is None:
+                    loss = group_loss(logits, torch.stack(ya), torch.stack(yb), torch.tensor(lam, device=device))
+                else:  # each model's own soft-label loss, summed: each gets the gradient of its own
+                    loss = soft_label_loss(logits.to(torch.promote_types(logits.dtype, torch.float32)), soft,
+                                           args.temperature).sum()
                 opt.zero_grad(set_to_none=True)  # as utils/evaluate.classifier_step
                 scaler.scale(loss).backward()
                 scaler.step(opt)
