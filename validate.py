@@ -90,9 +90,9 @@ def get_parser():
                         'in eval mode) and train on KL(softmax(teacher/T) || softmax(student/T)) x T^2 instead of '
                         'cross-entropy on the hard labels; --protocol fixed, onthefly and --baseline random')
     g.add_argument('--temperature', type=float, default=None, metavar='T',
-                   help=f'temperature T of --soft-labels (default {DEFAULT_TEMPERATURE:g}: DD-Ranking\'s CIFAR-10 '
-                        'configurations of its teacher-relabelling soft-label mode for ConvNet-3 students, '
-                        'D4M/ and RDED/CIFAR10/IPC*.yaml)')
+                   help=f'temperature T of --soft-labels (None: {DEFAULT_TEMPERATURE:g}, what DD-Ranking\'s CIFAR-10 '
+                        'configurations give its teacher-relabelling soft-label mode for ConvNet-3 students, '
+                        'D4M/ and RDED/CIFAR10/IPC{1,10,50}.yaml of NUS-HPC-AI-Lab/DD-Ranking)')
     return p
 
 
