@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import utils.augment as augment_module
 from data.datasets import normalize
-from utils.augment import (DiffAug, cutmix, rand_brightness,
+from utils.augment import (AUGMENT_FNS, DiffAug, cutmix, rand_brightness,
                            rand_contrast, rand_rotate, rand_saturation, rand_scale, rand_translate)
 
 OPS = ['color', 'crop', 'cutout', 'flip', 'scale', 'rotate', 'translate']
@@ -96,25 +96,37 @@ def test_empty_strategy_is_identity():
     assert torch.equal(DiffAug('')(x), x) and torch.equal(DiffAug('none')(x), x)
 
 
-def test_exactly_one_geometric_op_per_call():
+def record_ops(monkeypatch, calls):
+    """Every op records its name instead of running."""
+    for name, fns in list(AUGMENT_FNS.items()):
+        monkeypatch.setitem(AUGMENT_FNS, name, [lambda x, b, n=fn.__name__: calls.append(n[5:]) or x for fn in fns])
+
+
+def test_exactly_one_geometric_op_per_call(monkeypatch):
     aug = DiffAug('crop_scale_rotate_translate', batch=True)
-    torch.manual_seed(0)
     calls = []
+    record_ops(monkeypatch, calls)
+    torch.manual_seed(0)
     for i in range(400):
-        plan = aug.draw(torch.zeros(1, 1, 4, 4))
-        assert len(plan) == 1
-        calls.append(plan[0][0])
+        aug(torch.zeros(1, 1, 4, 4))
+        assert len(calls) == i + 1
     freq = np.array([calls.count(n) for n in aug.geometric]) / len(calls)
     assert np.all(np.abs(freq - 0.25) < 0.07)
 
 
-def test_ops_run_in_the_official_order():
+def test_ops_run_in_the_official_order(monkeypatch):
     # flip, colour, one geometric op among those listed (in the strategy's order), cutout: whatever
     # order the string names them in
     aug = DiffAug('cutout_rotate_color_flip_crop', batch=False)
     assert aug.geometric == ['rotate', 'crop']
+    calls = []
+    record_ops(monkeypatch, calls)
     torch.manual_seed(0)
-    plans = [[op for op, _ in aug.draw(torch.zeros(2, 3, 8, 8))] for _ in range(40)]
+    plans = []
+    for _ in range(40):
+        aug(torch.zeros(2, 3, 8, 8))
+        plans.append(calls[:])
+        calls.clear()
     assert {p[4] for p in plans} == {'rotate', 'crop'}
     for p in plans:
         assert p[:4] == ['flip', 'brightness', 'saturation', 'contrast'] and p[5:] == ['cutout']
@@ -301,11 +313,11 @@ def test_warps_use_align_corners_false(op):
     torch.manual_seed(0)
     x = torch.randn(3, 2, 12, 20)
     if op == 'scale':
-        y = rand_scale.apply(x, sx=torch.tensor([1.15]), sy=torch.tensor([0.9]))
+        y = rand_scale(x, True, sx=torch.tensor([1.15]), sy=torch.tensor([0.9]))
         theta = torch.tensor([[1.15, 0.0, 0.0], [0.0, 0.9, 0.0]])
     else:
         a = math.radians(10.0)  # the official matrix: [[cos, -sin], [sin, cos]]
-        y = rand_rotate.apply(x, angle=torch.tensor([a], dtype=torch.float64))
+        y = rand_rotate(x, True, angle=torch.tensor([a], dtype=torch.float64))
         theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
     theta = theta.expand(3, 2, 3)
     expected = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)

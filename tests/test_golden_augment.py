@@ -1,11 +1,12 @@
 """The augmentation ops against the official code's own draws (shared/reference/golden/dsa_*.json).
 
 Each entry of a file is one official op call, in batch mode (one draw for the batch) or per sample: the
-random numbers it drew, the parameters in plain terms and a fingerprint of its output. We apply the
-official parameters through this repository's ops (`op.apply`, the half of every op that
-`DiffAug.__call__` runs after `op.draw`) to the same input and compare the outputs; `composed` entries
-run whole strategies, their parameters rebuilt from the raw draws by the formulas the file's protocol
-states, through `DiffAug.apply`, after checking that DiffAug orders the ops as the official call did.
+random numbers it drew, the parameters in plain terms and a fingerprint of its output. We pass the
+official parameters to this repository's ops (`rand_<op>(x, batch, **params)`: the op applies them
+instead of drawing its own) on the same input and compare the outputs. `composed` entries run whole
+strategies through `DiffAug.__call__`, every op handed its official parameters (rebuilt from the raw
+draws by the formulas the file's protocol states) and the geometric op the official call chose: the
+order DiffAug runs the ops in is checked with the output.
 
 The random streams themselves are not compared: the official code draws batch mode from numpy, this
 repository from torch on the images' device (same distributions, no host round trip on a GPU).
@@ -23,7 +24,8 @@ import os
 import pytest
 import torch
 
-from utils.augment import OPS, DiffAug
+import utils.augment as augment
+from utils.augment import AUGMENT_FNS, DiffAug
 
 from test_golden import GOLDEN
 
@@ -90,7 +92,7 @@ def test_every_op_applies_the_official_parameters_as_the_official_op(name):
         params = {PARAM_NAMES.get(k, k): as_tensor(v) for k, v in entry['params'].items()}
         n = 1 if entry['mode'] == 'batch' else x.shape[0]
         assert all(len(p) == n for p in params.values())
-        y = OPS[entry['op']].apply(x, **params)
+        y = getattr(augment, f"rand_{entry['op']}")(x, entry['mode'] == 'batch', **params)
         check_output(y, entry['output'], f"{entry['op']} ({entry['mode']})")
 
 
@@ -136,18 +138,23 @@ def official_plan(strategy, draws, x):
 
 
 @pytest.mark.parametrize('name', FILES)
-def test_whole_strategies_match_the_official_calls(name):
+def test_whole_strategies_match_the_official_calls(name, monkeypatch):
     golden = load(name)
     assert len(golden['composed']) == 4
+    ops = {name: list(fns) for name, fns in AUGMENT_FNS.items()}
     for entry in golden['composed']:
         x = official_input(golden, entry['input_dtype'])
-        aug = DiffAug(entry['strategy'], batch=entry['mode'] == 'batch')
         plan = official_plan(entry['strategy'], entry['draws'], x)
-        # DiffAug orders the ops as the official call did (its geometric op is its own draw)
-        official_ops = [op for op, _ in plan]
-        ours = [op for op, _ in aug.draw(x)]
-        assert len(ours) == len(official_ops)
-        assert [op if op not in GEOMETRIC else 'geometric' for op in ours] == \
-            [op if op not in GEOMETRIC else 'geometric' for op in official_ops]
+        aug = DiffAug(entry['strategy'], batch=entry['mode'] == 'batch')
         assert aug.geometric == [op for op in entry['strategy'].split('_') if op in GEOMETRIC]
-        check_output(aug.apply(x, plan), entry['output'], f"{entry['strategy']} ({entry['mode']})")
+        # every op applies its official parameters and says that it ran
+        ran = []
+        for strategy_name, fns in ops.items():
+            monkeypatch.setitem(AUGMENT_FNS, strategy_name, [
+                lambda x, batch, fn=fn: ran.append(fn.__name__[5:]) or fn(x, batch, **dict(plan)[fn.__name__[5:]])
+                for fn in fns])
+        chosen = [op for op, _ in plan if op in GEOMETRIC]
+        aug.geometric, aug.draws_on_host = chosen, False  # the official call's choice
+        y = aug(x)
+        assert ran == [op for op, _ in plan], 'DiffAug runs the ops in another order'
+        check_output(y, entry['output'], f"{entry['strategy']} ({entry['mode']})")

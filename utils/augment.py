@@ -3,10 +3,10 @@ stage 2.
 
 Every augmentation op ``op(x, batch) -> x`` works on a normalised [B, C, H, W]
 float tensor and is differentiable w.r.t. ``x`` (the generator is trained through
-it). It is two halves, ``op.draw(x, batch)`` (the random parameters) and
-``op.apply(x, **params)`` (deterministic), and the parameters mean what the
-official code's do: its shifts, boxes, flips, factors and angles give the same
-output draw for draw (tests/test_golden_augment.py). Random parameters are drawn
+it). It draws its random parameters, then applies them; ``op(x, batch, **params)``
+applies given ones, which mean what the official code's do: its shifts, boxes,
+flips, factors and angles give the same output draw for draw
+(tests/test_golden_augment.py). Random parameters are drawn
 with torch's global RNG on ``x.device`` (the official code draws batch mode from
 numpy: same distributions, other streams) so the same code runs on CPU and CUDA
 without a host round trip, and ``torch.manual_seed`` reproduces a call.
@@ -33,14 +33,14 @@ each layer / parameter tensor by 0.001, as the reference does.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['DiffAug', 'cutmix', 'OPS', 'STRATEGY_OPS', 'upcast', 'logit_match_loss',
+__all__ = ['DiffAug', 'cutmix', 'AUGMENT_FNS', 'upcast', 'logit_match_loss',
            'feature_match_loss', 'gradient_match_loss', 'MATCH_LOSSES', 'METRICS', 'dist']
 
 CROP_RATIO = 0.125      # max shift as a fraction of the side: 4 px at 32 px
@@ -51,63 +51,49 @@ FLIP_PROB = 0.5
 
 
 # ---------------------------------------------------------------------------
-# Each op is two halves: `draw(x, batch)` makes its random parameters, a dict of
-# [n] tensors on x.device (n = 1 in batch mode, so one draw broadcasts over B;
-# n = B per sample), and `apply(x, **params)` is deterministic and differentiable
-# in x. The parameters mean what the official code's do (the golden-value tests
-# apply the official code's own draws through `apply`).
+# Each op draws its random parameters unless they are given, then applies them:
+# ``op(x, batch)`` draws (one row in batch mode, so one draw broadcasts over B;
+# one per sample otherwise), ``op(x, batch, **params)`` applies the given ones
+# ([n] tensors, n in {1, B}). The parameters mean what the official code's do,
+# and the golden-value tests pass the official code's own draws.
 # ---------------------------------------------------------------------------
-class Op(NamedTuple):
-    draw: Callable[..., dict]
-    apply: Callable[..., Tensor]
-
-    def __call__(self, x: Tensor, batch: bool) -> Tensor:
-        return self.apply(x, **self.draw(x, batch))
-
-
-def _count(x: Tensor, batch: bool) -> int:
-    return 1 if batch else x.shape[0]
-
-
 def _uniform(x: Tensor, batch: bool, low: float, high: float) -> Tensor:
-    # Drawn in float32 whatever x.dtype is, so a seed gives the same numbers under
-    # autocast / half inputs; cast afterwards so the op keeps x's dtype.
-    u = torch.rand(_count(x, batch), device=x.device)
+    # [n], drawn in float32 whatever x.dtype is, so a seed gives the same numbers
+    # under autocast / half inputs; cast afterwards so the op keeps x's dtype.
+    u = torch.rand(1 if batch else x.shape[0], device=x.device)
     return (low + (high - low) * u).to(x.dtype)
-
-
-def _per_sample(p: Tensor) -> Tensor:
-    return p.view(-1, 1, 1, 1)
 
 
 # ---------------------------------------------------------------------------
 # colour
 # ---------------------------------------------------------------------------
-def brightness(x: Tensor, offset: Tensor) -> Tensor:
-    return x + _per_sample(offset)
+def rand_brightness(x: Tensor, batch: bool, offset: Tensor | None = None) -> Tensor:
+    if offset is None:
+        offset = _uniform(x, batch, -0.5, 0.5)
+    return x + offset.view(-1, 1, 1, 1)
 
 
-def saturation(x: Tensor, factor: Tensor) -> Tensor:
+def rand_saturation(x: Tensor, batch: bool, factor: Tensor | None = None) -> Tensor:
     # scale each pixel's deviation from its grey value; a no-op for 1 channel
+    if factor is None:
+        factor = _uniform(x, batch, 0.0, 2.0)
     m = x.mean(dim=1, keepdim=True)
-    return (x - m) * _per_sample(factor) + m
+    return (x - m) * factor.view(-1, 1, 1, 1) + m
 
 
-def contrast(x: Tensor, factor: Tensor) -> Tensor:
+def rand_contrast(x: Tensor, batch: bool, factor: Tensor | None = None) -> Tensor:
+    if factor is None:
+        factor = _uniform(x, batch, 0.5, 1.5)
     m = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - m) * _per_sample(factor) + m
-
-
-rand_brightness = Op(lambda x, batch: {'offset': _uniform(x, batch, -0.5, 0.5)}, brightness)
-rand_saturation = Op(lambda x, batch: {'factor': _uniform(x, batch, 0.0, 2.0)}, saturation)
-rand_contrast = Op(lambda x, batch: {'factor': _uniform(x, batch, 0.5, 1.5)}, contrast)
+    return (x - m) * factor.view(-1, 1, 1, 1) + m
 
 
 # ---------------------------------------------------------------------------
 # integer shifts, as the official code: out[..., i, ...] = x[..., i + shift, ...],
-# zeros where that index falls outside. Pad one zero row/column and clamp indices
-# onto it; gather keeps it vectorised (its backward is a scatter-add, still
-# differentiable). Shifts are uniform integers in [-s, s], s = round(0.125 * side).
+# zeros where that index falls outside; shifts uniform in [-s, s], s =
+# round(0.125 * side), drawn with torch.randint. Pad one zero row/column and
+# clamp indices onto it; gather keeps it vectorised (its backward is a
+# scatter-add, still differentiable).
 # ---------------------------------------------------------------------------
 def _shift(x: Tensor, shift: Tensor, dim: int) -> Tensor:
     """out[..., i, ...] = x[..., i + shift, ...] along `dim` (2: rows, 3: columns); shift: [n], n in {1, B}."""
@@ -118,46 +104,34 @@ def _shift(x: Tensor, shift: Tensor, dim: int) -> Tensor:
     return padded.gather(dim, index.expand(x.shape))
 
 
-def _max_shift(side: int) -> int:
-    return int(side * CROP_RATIO + 0.5)  # rounded: 4 px at 28 and 32
-
-
-def _shifts(x: Tensor, batch: bool, dim: int) -> Tensor:
-    s = _max_shift(x.shape[dim])
-    return torch.randint(-s, s + 1, (_count(x, batch),), device=x.device)
-
-
-def crop(x: Tensor, shift_rows: Tensor, shift_cols: Tensor) -> Tensor:
+def rand_crop(x: Tensor, batch: bool, shift_rows: Tensor | None = None, shift_cols: Tensor | None = None) -> Tensor:
+    if shift_rows is None:  # rows drawn first, as the official code
+        n = 1 if batch else x.shape[0]
+        s_h, s_w = int(x.shape[2] * CROP_RATIO + 0.5), int(x.shape[3] * CROP_RATIO + 0.5)  # rounded
+        shift_rows = torch.randint(-s_h, s_h + 1, (n,), device=x.device)
+        shift_cols = torch.randint(-s_w, s_w + 1, (n,), device=x.device)
     return _shift(_shift(x, shift_rows, 2), shift_cols, 3)
 
 
-def translate(x: Tensor, shift_cols: Tensor) -> Tensor:
-    # the width (last) axis only
+def rand_translate(x: Tensor, batch: bool, shift_cols: Tensor | None = None) -> Tensor:
+    # width (last) axis only, by an integer in [-s, s], s = round(0.125 * W)
+    if shift_cols is None:
+        s = int(x.shape[3] * CROP_RATIO + 0.5)
+        shift_cols = torch.randint(-s, s + 1, (1 if batch else x.shape[0],), device=x.device)
     return _shift(x, shift_cols, 3)
-
-
-rand_crop = Op(lambda x, batch: {'shift_rows': _shifts(x, batch, 2), 'shift_cols': _shifts(x, batch, 3)}, crop)
-rand_translate = Op(lambda x, batch: {'shift_cols': _shifts(x, batch, 3)}, translate)
 
 
 # ---------------------------------------------------------------------------
 # cutout: a mask built by comparisons instead of scattering a box per image
 # ---------------------------------------------------------------------------
-def _cutout_side(side: int) -> int:
-    return int(side * CUTOUT_RATIO + 0.5)
-
-
-def _draw_cutout(x: Tensor, batch: bool) -> dict:
-    # the centre range matches DSA: [0, side + (1 - c % 2))
-    H, W = x.shape[2:]
-    c_h, c_w = _cutout_side(H), _cutout_side(W)
-    return {'centre_row': torch.randint(0, H + (1 - c_h % 2), (_count(x, batch),), device=x.device),
-            'centre_col': torch.randint(0, W + (1 - c_w % 2), (_count(x, batch),), device=x.device)}
-
-
-def cutout(x: Tensor, centre_row: Tensor, centre_col: Tensor) -> Tensor:
-    H, W = x.shape[2:]
-    c_h, c_w = _cutout_side(H), _cutout_side(W)
+def rand_cutout(x: Tensor, batch: bool, centre_row: Tensor | None = None,
+                centre_col: Tensor | None = None) -> Tensor:
+    B, C, H, W = x.shape
+    c_h, c_w = int(H * CUTOUT_RATIO + 0.5), int(W * CUTOUT_RATIO + 0.5)
+    if centre_row is None:  # the centre range matches DSA: [0, size + (1 - c % 2)); rows first
+        n = 1 if batch else B
+        centre_row = torch.randint(0, H + (1 - c_h % 2), (n,), device=x.device)
+        centre_col = torch.randint(0, W + (1 - c_w % 2), (n,), device=x.device)
     # the box [centre - c // 2, centre - c // 2 + c) per axis; clipping to the image is implicit
     top, left = centre_row.view(-1, 1) - c_h // 2, centre_col.view(-1, 1) - c_w // 2
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
@@ -167,18 +141,13 @@ def cutout(x: Tensor, centre_row: Tensor, centre_col: Tensor) -> Tensor:
     return x * keep[:, None].to(x.dtype)
 
 
-rand_cutout = Op(_draw_cutout, cutout)
-
-
 # ---------------------------------------------------------------------------
 # flip
 # ---------------------------------------------------------------------------
-def flip(x: Tensor, flipped: Tensor) -> Tensor:
-    return torch.where(_per_sample(flipped), x.flip(3), x)
-
-
-# compare in float32: rounding u to a half dtype first would bias p
-rand_flip = Op(lambda x, batch: {'flipped': torch.rand(_count(x, batch), device=x.device) < FLIP_PROB}, flip)
+def rand_flip(x: Tensor, batch: bool, flipped: Tensor | None = None) -> Tensor:
+    if flipped is None:  # compare in float32: rounding u to a half dtype first would bias p
+        flipped = torch.rand(1 if batch else x.shape[0], device=x.device) < FLIP_PROB
+    return torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 # ---------------------------------------------------------------------------
@@ -200,38 +169,34 @@ def _theta(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return torch.stack([torch.stack([a, b, z], -1), torch.stack([c, d, z], -1)], -2)
 
 
-def scale(x: Tensor, sx: Tensor, sy: Tensor) -> Tensor:
+def rand_scale(x: Tensor, batch: bool, sx: Tensor | None = None, sy: Tensor | None = None) -> Tensor:
+    if sx is None:
+        sx = _uniform(x, batch, 1.0 / SCALE_RATIO, SCALE_RATIO)
+        sy = _uniform(x, batch, 1.0 / SCALE_RATIO, SCALE_RATIO)
     z = torch.zeros_like(sx)
     return _warp(x, _theta(sx, z, z, sy))
 
 
-def rotate(x: Tensor, angle: Tensor) -> Tensor:
-    # theta [[cos, -sin], [sin, cos]] computed in float64 and stored in x's dtype, as the official code
+def rand_rotate(x: Tensor, batch: bool, angle: Tensor | None = None) -> Tensor:
+    """`angle` in radians. The official formula and matrix, [[cos, -sin], [sin, cos]], in float64 and
+    stored in x's dtype; the uniform is drawn in float32, as the other ops draw theirs."""
+    if angle is None:
+        u = torch.rand(1 if batch else x.shape[0], device=x.device).to(torch.float64)
+        angle = (u - 0.5) * 2 * ROTATE_DEGREES / 180 * math.pi
     angle = angle.to(torch.float64)
     cos, sin = torch.cos(angle), torch.sin(angle)
     return _warp(x, _theta(cos, -sin, sin, cos))
 
 
-def _draw_angle(x: Tensor, batch: bool) -> dict:
-    # the official formula, in float64, from a float32 uniform (the stream the other ops draw from)
-    u = torch.rand(_count(x, batch), device=x.device).to(torch.float64)
-    return {'angle': (u - 0.5) * 2 * ROTATE_DEGREES / 180 * math.pi}
-
-
-rand_scale = Op(lambda x, batch: {'sx': _uniform(x, batch, 1.0 / SCALE_RATIO, SCALE_RATIO),
-                                  'sy': _uniform(x, batch, 1.0 / SCALE_RATIO, SCALE_RATIO)}, scale)
-rand_rotate = Op(_draw_angle, rotate)
-
-
-# strategy name -> the ops it applies, in order (DiffAugment style)
-OPS: dict[str, Op] = {
-    'brightness': rand_brightness, 'saturation': rand_saturation, 'contrast': rand_contrast,
-    'crop': rand_crop, 'cutout': rand_cutout, 'flip': rand_flip, 'scale': rand_scale, 'rotate': rand_rotate,
-    'translate': rand_translate,
-}
-STRATEGY_OPS: dict[str, tuple[str, ...]] = {
-    'color': ('brightness', 'saturation', 'contrast'), 'crop': ('crop',), 'cutout': ('cutout',),
-    'flip': ('flip',), 'scale': ('scale',), 'rotate': ('rotate',), 'translate': ('translate',),
+# name -> list of ops applied in order (DiffAugment style)
+AUGMENT_FNS: dict[str, list[Callable[..., Tensor]]] = {
+    'color': [rand_brightness, rand_saturation, rand_contrast],
+    'crop': [rand_crop],
+    'cutout': [rand_cutout],
+    'flip': [rand_flip],
+    'scale': [rand_scale],
+    'rotate': [rand_rotate],
+    'translate': [rand_translate],
 }
 _PRE = ('flip', 'color')                                   # always applied, in this order
 _GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')      # one of these per call
@@ -250,17 +215,14 @@ class DiffAug:
     images get the same transform); ``False``: a draw per sample (classifier
     training). ``mixup_net='cut'`` (CutMix on the classifier) drops cutout from
     a per-sample strategy.
-
-    A call is ``apply(x, draw(x))``: ``draw`` returns the plan, a list of
-    (op, parameters) in the order they apply.
     """
 
     def __init__(self, strategy: str = 'color_crop_cutout', batch: bool = False, mixup_net: str = 'none'):
         ops = [] if strategy.strip().lower() in ('', 'none') else strategy.split('_')
-        unknown = [op for op in ops if op not in STRATEGY_OPS]
+        unknown = [op for op in ops if op not in AUGMENT_FNS]
         if unknown:
             raise ValueError(f'unknown augmentation op(s) {unknown} in {strategy!r}; '
-                             f'valid ops: {sorted(STRATEGY_OPS)}')
+                             f'valid ops: {sorted(AUGMENT_FNS)}')
         if mixup_net == 'cut' and not batch and 'cutout' in ops:
             # CutMix on the classifier already pastes boxes: a per-sample cutout would double the
             # occlusion. Batch (matching) mode keeps it.
@@ -273,25 +235,17 @@ class DiffAug:
         self.post = [op for op in _POST if op in ops]
         # whether a call makes a host-side random draw (the choice among several geometric ops)
         self.draws_on_host = len(self.geometric) > 1
-
-    def draw(self, x: Tensor) -> list[tuple[str, dict]]:
-        """The random parameters of one call on x, in the order the ops apply."""
-        names = list(self.pre)
-        if self.geometric:
-            # a single CPU draw: picking the op needs a Python int, and a CPU
-            # tensor's item() does not synchronise with the GPU
-            names.append(self.geometric[int(torch.randint(len(self.geometric), (1,))) if self.draws_on_host else 0])
-        names += self.post
-        return [(op, OPS[op].draw(x, self.batch)) for name in names for op in STRATEGY_OPS[name]]
-
-    @staticmethod
-    def apply(x: Tensor, plan: list[tuple[str, dict]]) -> Tensor:
-        for op, params in plan:
-            x = OPS[op].apply(x, **params)
-        return x
+        self.steps = self.pre + (['geometric'] if self.geometric else []) + self.post
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.apply(x, self.draw(x))
+        for name in self.steps:
+            if name == 'geometric':
+                # a single CPU draw: picking the op needs a Python int, and a CPU
+                # tensor's item() does not synchronise with the GPU
+                name = self.geometric[int(torch.randint(len(self.geometric), (1,))) if self.draws_on_host else 0]
+            for fn in AUGMENT_FNS[name]:
+                x = fn(x, self.batch)
+        return x
 
     def __repr__(self) -> str:
         return f'DiffAug(strategy={self.strategy!r}, batch={self.batch})'
