@@ -17,9 +17,7 @@ official affine matrix is float32) to 1e-6: their fingerprints were summed in fl
 run, so a reduction in another order differs in the seventh digit; a warp with another angle or
 direction differs in the first.
 """
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -27,19 +25,11 @@ import torch
 import utils.augment as augment
 from utils.augment import AUGMENT_FNS, DiffAug
 
-from test_golden import GOLDEN
+from test_golden import load_golden as load  # skips where shared/reference is not beside the checkout
 
 FILES = ['dsa_4x3x32x32', 'dsa_4x1x28x28']
 GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')
 PARAM_NAMES = {'angle_rad': 'angle'}  # the official file's name -> this repository's
-
-
-def load(name):
-    path = os.path.join(GOLDEN, f'{name}.json')
-    if not os.path.exists(path):
-        pytest.skip(f'{path} is not there (shared/reference is laid beside the checkout)')
-    with open(path) as f:
-        return json.load(f)
 
 
 def official_input(golden, dtype_name):
