@@ -197,8 +197,8 @@ def soft_table(mine, soft, ipcs, full):
             if any(all(r.get(k) == v for k, v in match.items()) for r in soft)]
     header = ['ipc'] + [f'{title}, {labels}' for title, _ in cols for labels in ('hard', 'soft')]
     header += ['full training set (hard)']
-    lines = ['', "Hard labels against a teacher's soft labels (`validate.py --soft-labels`: every training batch, "
-             "after augmentation, labelled by a classifier trained on the full training set):", '',
+    lines = ['', "Hard against soft labels (`validate.py --soft-labels`: a teacher trained on the full training set "
+             "labels every augmented batch):", '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for ipc in ipcs:
         cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels=labels) for _, match in cols
@@ -208,8 +208,8 @@ def soft_table(mine, soft, ipcs, full):
     for sha, r in sorted(teachers.items(), key=lambda item: str(item[0])):
         t = r['teacher'] or {}
         accuracy = f"{t['test_top1']:.1f}%" if t.get('test_top1') is not None else 'not recorded'
-        lines += ['', f"Teacher: {t.get('architecture', '?')} (sha256 {str(sha)[:12]}), its own test top-1 {accuracy}; "
-                  f"temperature {r['temperature']:g}; loss KL(softmax(teacher/T) || softmax(student/T)) x T^2."]
+        lines += ['', f"Teacher: {t.get('architecture', '?')} (sha256 {str(sha)[:12]}), test top-1 {accuracy}; "
+                  f"temperature {r['temperature']:g}."]
     return lines
 
 
