@@ -57,19 +57,19 @@ def fingerprint(tensors):
                 first=flat[:4].tolist(), last=flat[-4:].tolist())
 
 
-def close(got, want, what):
-    assert got == pytest.approx(want, rel=TOL, abs=0), (what, got, want)
+def close(got, want, what, tol=TOL):
+    assert got == pytest.approx(want, rel=tol, abs=0), (what, got, want)
 
 
-def check(name, got, want):
+def check(name, got, want, tol=TOL):
     scale = want['abs_sum']
-    assert abs(got['sum'] - want['sum']) <= TOL * scale, (name, 'sum', got['sum'], want['sum'])
-    close(got['abs_sum'], want['abs_sum'], (name, 'abs_sum'))
-    close(got['norm'], want['norm'], (name, 'norm'))
+    assert abs(got['sum'] - want['sum']) <= tol * scale, (name, 'sum', got['sum'], want['sum'])
+    close(got['abs_sum'], want['abs_sum'], (name, 'abs_sum'), tol)
+    close(got['norm'], want['norm'], (name, 'norm'), tol)
     for key in ('first', 'last'):
-        if key in want:  # the floor for values near zero: 1e-9 of the list's largest magnitude
-            floor = TOL * max(abs(v) for v in want[key])
-            assert got[key] == pytest.approx(want[key], rel=TOL, abs=floor), (name, key, got[key], want[key])
+        if key in want:  # the floor for values near zero: tol of the list's largest magnitude
+            floor = tol * max(abs(v) for v in want[key])
+            assert got[key] == pytest.approx(want[key], rel=tol, abs=floor), (name, key, got[key], want[key])
 
 
 def check_module(name, module, want):

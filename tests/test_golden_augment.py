@@ -25,7 +25,7 @@ import torch
 import utils.augment as augment
 from utils.augment import AUGMENT_FNS, DiffAug
 
-from test_golden import load_golden as load  # skips where shared/reference is not beside the checkout
+from test_golden import check, close, fingerprint, load_golden as load  # skips where shared/reference is not beside the checkout
 
 FILES = ['dsa_4x3x32x32', 'dsa_4x1x28x28']
 GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')
@@ -48,28 +48,16 @@ def as_tensor(value):
 
 
 def check_output(y, want, what):
+    """The output's fingerprint (in float64) as test_golden checks a network's, and per-sample sums and
+    norms."""
     assert str(y.dtype) == want['dtype'], what
     tol = 1e-9 if y.dtype == torch.float64 else 1e-6
-    flat = y.detach().flatten().double()
-    per_sample = y.detach().flatten(1).double()
-
-    def close(got, expected, key, floor=0.0):
-        assert got == pytest.approx(expected, rel=tol, abs=floor), (what, key, got, expected)
-
-    assert abs(flat.sum().item() - want['sum']) <= tol * want['abs_sum'], (what, 'sum', flat.sum().item(), want['sum'])
-    close(flat.abs().sum().item(), want['abs_sum'], 'abs_sum')
-    close(flat.norm().item(), want['norm'], 'norm')
-    for key, got in (('first', flat[:4]), ('last', flat[-4:])):
-        close(got.tolist(), want[key], key, floor=tol * max(abs(v) for v in want[key]))
-    sums = per_sample.sum(1).tolist()
-    for got, expected, size in zip(sums, want['per_sample_sum'], per_sample.abs().sum(1).tolist()):
+    y = y.detach().double()
+    check(what, fingerprint([y]), want, tol)
+    per_sample = y.flatten(1)
+    for got, expected, size in zip(per_sample.sum(1).tolist(), want['per_sample_sum'], per_sample.abs().sum(1).tolist()):
         assert abs(got - expected) <= tol * size, (what, 'per-sample sum', got, expected)
-    close(per_sample.norm(dim=1).tolist(), want['per_sample_norm'], 'per-sample norm')
-
-
-def entries(name):
-    golden = load(name)
-    return [(golden, e) for e in golden['entries']]
+    close(per_sample.norm(dim=1).tolist(), want['per_sample_norm'], (what, 'per-sample norm'), tol)
 
 
 @pytest.mark.parametrize('name', FILES)
