@@ -80,6 +80,7 @@ class Reproduction:
         self.models = tuple(args.eval_model or self.s['eval_models'])
         self.model_suffix = '' if self.models == tuple(self.s['eval_models']) else '-' + '-'.join(self.models)
         self.labels = tuple(getattr(args, 'labels', None) or ('hard',))
+        self.only = getattr(args, 'only', None)
 
     def started(self):
         """Whether an earlier run of this reproduction left anything under results/."""
@@ -145,6 +146,27 @@ class Reproduction:
                             # up to float rounding as one after another; this keeps reruns bit-identical)
                             '--stack', '--eval-model', *self.models, *flags, log=self.log))
 
+    def rows(self, generators=None, labels=None):
+        """(tag, validate.py flags) of every evaluation row of the schedule asked for (--rows, --labels), in
+        the order they run: ipc 1 and 10, the full training set, then ipc 50 (the cheapest rows first).
+        Without generators and labels, only the tags are right (for checking --only)."""
+        generators = generators or {'1': None, **({'1+2': None} if self.s.get('stage2') else {})}
+        labels = labels or [(SOFT_SUFFIX if mode == 'soft' else '', []) for mode in self.labels]
+        ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
+        for ipc in ipcs:
+            if self.args.rows and str(ipc) not in self.args.rows:
+                continue
+            if ipc == 'full':  # hard labels only: the full row is where the teacher comes from
+                if 'hard' in self.labels:
+                    yield 'full', self.full_flags()
+                continue
+            for suffix, flags in labels:
+                for stages, weight in generators.items():
+                    for protocol in ('onthefly', 'fixed'):
+                        yield (f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}{suffix}",
+                               ['--pretrain-weight', weight, '--protocol', protocol, '--ipc', ipc, *flags])
+                yield f'random-ipc{ipc}{suffix}', ['--baseline', 'random', '--ipc', ipc, *flags]
+
     def full_flags(self):
         return ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
                 '--test-interval', max(1, self.s['full_epochs'] // 3)]
@@ -173,23 +195,9 @@ class Reproduction:
         labels = [('', [])] if 'hard' in self.labels else []
         if 'soft' in self.labels:
             labels.append((SOFT_SUFFIX, ['--soft-labels', self.teacher()]))
-        # ipc 1 and 10 first, then the full training set, then ipc 50: the cheapest rows come first
-        ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
-        for ipc in ipcs:
-            if self.args.rows and str(ipc) not in self.args.rows:
-                continue
-            if ipc == 'full':  # hard labels only: the full row is where the teacher comes from
-                if 'hard' in self.labels:
-                    self.evaluate('eval full', 'full', self.full_flags())
-                continue
-            for suffix, flags in labels:
-                for stages, weight in generators.items():
-                    for protocol in ('onthefly', 'fixed'):
-                        tag = f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}{suffix}"
-                        self.evaluate(f'eval {tag}', tag, ['--pretrain-weight', weight, '--protocol', protocol,
-                                                           '--ipc', ipc, *flags])
-                self.evaluate(f'eval random-ipc{ipc}{suffix}', f'random-ipc{ipc}{suffix}',
-                              ['--baseline', 'random', '--ipc', ipc, *flags])
+        for tag, flags in self.rows(generators, labels):
+            if not self.only or tag in self.only:
+                self.evaluate(f'eval {tag}', tag, flags)
         grids = sorted(glob.glob(self.path('s1', os.path.join('outputs', 'img_*.png'))),
                        key=lambda p: int(p.rsplit('_', 1)[1][:-4]))
         if grids:
@@ -209,6 +217,10 @@ def get_parser():
     p.add_argument('--rows', nargs='+', default=None, metavar='ROW',
                    help="only these rows: ipc values and/or 'full' (default: every row of the schedule); "
                         "the stages they need still run (or are skipped when done)")
+    p.add_argument('--only', nargs='+', default=None, metavar='TAG',
+                   help="only the evaluation rows of these tags (results/repro-DATASET-SCHEDULE-TAG without the "
+                        "-MODEL suffix, e.g. dim-s12-fixed-ipc50 random-ipc50-soft), among those --rows and "
+                        "--labels select; the stages and the teacher they need still run")
     p.add_argument('--eval-model', nargs='+', default=None, metavar='MODEL',
                    help="classifiers of the evaluation rows (default: the schedule's); other than the "
                         "schedule's, they are rows of their own (tags ending in -MODEL)")
@@ -239,6 +251,10 @@ def main():
         raise SystemExit(f"error: {args.dataset} needs --data-dir: {IMAGE_FOLDERS[args.dataset]}")
     if not args.collect:
         reproduction = Reproduction(args)
+        unknown = sorted(set(args.only or ()) - {tag for tag, _ in reproduction.rows()})
+        if unknown:
+            raise SystemExit(f"error: --only {' '.join(unknown)}: not a row of this schedule, --rows and --labels; "
+                             f"its rows are {', '.join(tag for tag, _ in reproduction.rows())}")
         if reproduction.started() and not args.resume:
             raise SystemExit(f"error: results/{reproduction.prefix}-* hold an earlier run of this reproduction; "
                              "add --resume to continue it, or move them away to start over")

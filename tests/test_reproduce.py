@@ -225,6 +225,20 @@ def test_reproduce_rows_runs_only_the_rows_asked_for(tmp_path, monkeypatch):
     assert 'eval random-ipc50-resnet18' in times and 'eval random-ipc50' in times
 
 
+def test_reproduce_only_runs_the_rows_of_those_tags(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_49.pth')
+    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=['50'], eval_model=None,
+                     labels=['hard', 'soft'], only=['random-ipc50-soft', 'dim-s12-fixed-ipc50'])
+    reproduce.Reproduction(args).all()
+    # the stages and the teacher (the full row) still run; of the rows only the two tags, in schedule order
+    assert _tags(calls) == ['repro-digits-cpu-s1', 'repro-digits-cpu-s2', 'repro-digits-cpu-full',
+                            'repro-digits-cpu-dim-s12-fixed-ipc50', 'repro-digits-cpu-random-ipc50-soft']
+    monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'digits', '--rows', '50', '--only', 'random-ipc50-soft'])
+    with pytest.raises(SystemExit, match=r"--only random-ipc50-soft: not a row of this schedule, --rows and "
+                                         r"--labels; its rows are dim-s1-onthefly-ipc50, .*, random-ipc50$"):
+        reproduce.main()  # hard labels only: no soft row to pick
+
+
 def test_reproduce_continues_an_earlier_run_only_with_resume(tmp_path, monkeypatch):
     calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
     collected = []
