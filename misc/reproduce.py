@@ -93,6 +93,9 @@ class Reproduction:
         """Add a step's wall time (summed over resumed parts) and the commit it ran at."""
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip() or None
+        if os.path.exists(self.times_path):  # another process of this reproduction (--only) may have added steps
+            with open(self.times_path) as f:
+                self.times = json.load(f)
         before = self.times.get(key, {}).get('seconds', 0.0)
         self.times[key] = {'seconds': before + seconds, 'commit': commit}
         os.makedirs(self.results, exist_ok=True)

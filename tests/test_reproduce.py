@@ -239,6 +239,17 @@ def test_reproduce_only_runs_the_rows_of_those_tags(tmp_path, monkeypatch):
         reproduce.main()  # hard labels only: no soft row to pick
 
 
+def test_reproductions_side_by_side_keep_each_others_times(tmp_path, monkeypatch):
+    _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
+    base = dict(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['50'], eval_model=None)
+    first = reproduce.Reproduction(Namespace(**base, only=['random-ipc50']))
+    second = reproduce.Reproduction(Namespace(**base, only=['dim-s1-fixed-ipc50']))  # started before first ran
+    first.all()
+    second.all()
+    times = json.loads((tmp_path / 'results' / 'repro-mnist-cpu-times.json').read_text())
+    assert set(times) == {'stage1', 'eval random-ipc50', 'eval dim-s1-fixed-ipc50'}
+
+
 def test_reproduce_continues_an_earlier_run_only_with_resume(tmp_path, monkeypatch):
     calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
     collected = []
