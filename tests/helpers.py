@@ -1,10 +1,13 @@
-"""Shared test helpers: run a script as a user would, and locate the shared real datasets."""
+"""Shared test helpers: run a script as a user would, and locate the real datasets of the data tests."""
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
+# The folder of real datasets two tests of test_data.py read (MNIST/raw/*.gz as torchvision downloads it, and
+# the CIFAR-10 JPEG copy): DIM_TEST_DATA=DIR, by default the project's shared/datasets beside the checkout.
+TEST_DATA_VARIABLE = 'DIM_TEST_DATA'
+TEST_DATA = os.environ.get(TEST_DATA_VARIABLE) or os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
 
 # tiny schedule flags that keep a stage to seconds on 2 CPU cores
 TINY = ['--data', 'digits', '--width', '16', '--ipc', '10', '--epochs-eval', '2', '--test-interval', '1',

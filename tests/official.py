@@ -1,6 +1,6 @@
 """The official DiM generator and discriminator, written from the checkpoint layout alone
-(/work/shared/reference/DIM_REFERENCE.md: "Generator", "Discriminator", "Checkpoint layout"), and a
-checkpoint file as the official code writes it: {generator, discriminator, optim_g, optim_d}, state
+(the project's notes on the official code, DIM_REFERENCE.md: "Generator", "Discriminator", "Checkpoint
+layout"), and a checkpoint file as the official code writes it: {generator, discriminator, optim_g, optim_d}, state
 dicts only. The tests load such files through this repository and compare what the networks compute.
 
 `order` sets the module registration order (hence the state-dict key order and the optimizer's

@@ -10,7 +10,7 @@ from conftest import make_imagefolder
 from data.datasets import (DATASETS, IMAGEFOLDER_TEST_ORDER_SEED, BatchStream, load_dataset, to_classifier_input,
                            to_gan_range)
 from data.datasets import test_batches as read_test_batches  # (a name pytest does not collect)
-from tests.helpers import SHARED_DATASETS, eval_args
+from tests.helpers import TEST_DATA, TEST_DATA_VARIABLE, eval_args
 from data.errors import UserError
 from validate import run_evaluation
 
@@ -126,20 +126,30 @@ def test_imagefolder_needs_two_classes(tmp_path, classes):
         load_dataset('imagefolder', str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATASETS, 'cifar10-jpeg.tar.gz')),
-                    reason='shared CIFAR-10 JPEG copy not present')
-def test_shared_cifar10_jpeg_tree_works_unchanged(tmp_path):
-    # extract a slice of the real tree (the whole one is 60000 files) and load it as it is
-    wanted = 0
-    with tarfile.open(os.path.join(SHARED_DATASETS, 'cifar10-jpeg.tar.gz')) as tar:
-        members = []
-        for m in tar:
-            name = os.path.basename(m.name)
-            if m.isfile() and name.endswith('.jpg') and int(name.split('.')[0]) < 5:
-                members.append(m)
-            if m.isdir():
-                members.append(m)
-        tar.extractall(tmp_path, members=members)
+CIFAR10_JPEG_TAR, CIFAR10_JPEG_TREE = (os.path.join(TEST_DATA, name) for name in ('cifar10-jpeg.tar.gz', 'cifar10-jpeg'))
+
+
+def _first_images(name):
+    """A slice of the CIFAR-10 JPEG tree (images 0000-0004 of each class and split): the whole is 60000 files."""
+    return name.endswith('.jpg') and int(os.path.basename(name).split('.')[0]) < 5
+
+
+@pytest.mark.skipif(not (os.path.exists(CIFAR10_JPEG_TAR) or os.path.isdir(CIFAR10_JPEG_TREE)),
+                    reason=f'no cifar10-jpeg.tar.gz or extracted cifar10-jpeg/ in {TEST_DATA}: '
+                           f'set {TEST_DATA_VARIABLE}=DIR to the folder holding one')
+def test_cifar10_jpeg_tree_works_unchanged(tmp_path):
+    if os.path.isdir(CIFAR10_JPEG_TREE):  # extracted already: copy the slice
+        wanted = 0
+        for folder, _, files in os.walk(CIFAR10_JPEG_TREE):
+            for name in filter(_first_images, files):
+                target = tmp_path / 'cifar10-jpeg' / os.path.relpath(folder, CIFAR10_JPEG_TREE)
+                os.makedirs(target, exist_ok=True)
+                shutil.copyfile(os.path.join(folder, name), target / name)
+                wanted += 1
+    else:
+        with tarfile.open(CIFAR10_JPEG_TAR) as tar:
+            members = [m for m in tar if m.isdir() or (m.isfile() and _first_images(m.name))]
+            tar.extractall(tmp_path, members=members)
         wanted = sum(1 for m in members if m.isfile())
     info, train, test = load_dataset('imagefolder', str(tmp_path / 'cifar10-jpeg'))
     assert (info.channels, info.img_size, info.num_classes) == (3, 32, 10)
@@ -147,9 +157,11 @@ def test_shared_cifar10_jpeg_tree_works_unchanged(tmp_path):
     assert info.resnet_stem == 'cifar'
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATASETS, 'MNIST')), reason='shared MNIST not present')
+@pytest.mark.skipif(not os.path.isdir(os.path.join(TEST_DATA, 'MNIST', 'raw')),
+                    reason=f'no MNIST/raw/ (torchvision\'s download) in {TEST_DATA}: '
+                           f'set {TEST_DATA_VARIABLE}=DIR to the folder holding it')
 def test_mnist_loads_offline_through_torchvision(tmp_path):
-    shutil.copytree(os.path.join(SHARED_DATASETS, 'MNIST'), tmp_path / 'MNIST')
+    shutil.copytree(os.path.join(TEST_DATA, 'MNIST'), tmp_path / 'MNIST')
     info, train, test = load_dataset('mnist', str(tmp_path))
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,5 +1,5 @@
-"""This repository against numbers the official code computed (shared/reference/golden/, its README gives
-each protocol): stage 1, stage 2 (pool matching), the on-the-fly validation and its test. The
+"""This repository against numbers the official code computed (tests/golden/, its README gives each
+protocol): stage 1, stage 2 (pool matching), the on-the-fly validation and its test. The
 augmentation ops are pinned in tests/test_golden_augment.py.
 
 Every file was computed in float64 on the CPU. We rebuild each input from the file's own protocol
@@ -36,17 +36,14 @@ from utils.runtime import FastPath, make_scaler
 
 from helpers import ROOT
 
-GOLDEN = os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'golden')
+GOLDEN = os.path.join(ROOT, 'tests', 'golden')  # in the repository: a clone with nothing beside it tests itself
 SHAPES = {'mnist': (1, 28), 'cifar10': (3, 32)}
 TOL = 1e-9
 CPU = torch.device('cpu')
 
 
 def load_golden(name):
-    path = os.path.join(GOLDEN, f'{name}.json')
-    if not os.path.exists(path):
-        pytest.skip(f'{path} is not there (shared/reference is laid beside the checkout)')
-    with open(path) as f:
+    with open(os.path.join(GOLDEN, f'{name}.json')) as f:  # a missing fixture fails: never a skip
         return json.load(f)
 
 
@@ -260,3 +257,26 @@ def test_validation_matches_official_golden_values(name, float64):
         assert (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item() == want_batch['correct_top5']
     assert (top1, top5) == (pytest.approx(want['top1'], rel=1e-12), pytest.approx(want['top5'], rel=1e-12))
     check_module('classifier after the test', model, want['model_after_test'])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fixtures themselves
+# ---------------------------------------------------------------------------------------------------
+# Where the project's reference folder lies beside the checkout (the developers' machines, CI), the
+# repository's copies must be byte for byte the files the official code wrote: they cannot drift.
+REFERENCE_GOLDEN = os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'golden')
+
+
+def test_every_fixture_is_read_and_none_has_drifted():
+    from test_golden_augment import FILES
+    read = {f'stage1_{d}' for d in SHAPES} | {f'stage2_{n}' for n in STAGE2} | {f'validate_{n}' for n in VALIDATE}
+    kept = {name[:-len('.json')] for name in os.listdir(GOLDEN) if name.endswith('.json')}
+    assert kept == read | set(FILES), 'a fixture no test reads, or a test whose fixture is missing'
+    if not os.path.isdir(REFERENCE_GOLDEN):
+        return  # a clone on its own: the copies above are the reference
+    reference = {name[:-len('.json')] for name in os.listdir(REFERENCE_GOLDEN) if name.endswith('.json')}
+    assert reference == kept, 'tests/golden/ and the reference folder hold different files'
+    for name in sorted(kept):
+        with open(os.path.join(GOLDEN, f'{name}.json'), 'rb') as ours, \
+                open(os.path.join(REFERENCE_GOLDEN, f'{name}.json'), 'rb') as theirs:
+            assert ours.read() == theirs.read(), f'tests/golden/{name}.json differs from the reference copy'

@@ -1,4 +1,4 @@
-"""The augmentation ops against the official code's own draws (shared/reference/golden/dsa_*.json).
+"""The augmentation ops against the official code's own draws (tests/golden/dsa_*.json).
 
 Each entry of a file is one official op call, in batch mode (one draw for the batch) or per sample: the
 random numbers it drew, the parameters in plain terms and a fingerprint of its output. We pass the
@@ -25,7 +25,7 @@ import torch
 import utils.augment as augment
 from utils.augment import AUGMENT_FNS, DiffAug
 
-from test_golden import check, close, fingerprint, load_golden as load  # skips where shared/reference is not beside the checkout
+from test_golden import check, close, fingerprint, load_golden as load
 
 FILES = ['dsa_4x3x32x32', 'dsa_4x1x28x28']
 GEOMETRIC = ('crop', 'scale', 'rotate', 'translate')
