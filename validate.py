@@ -11,7 +11,8 @@ same way on ipc real images per class / the whole training set. --num-eval K tra
 with seeds --seed, --seed + 1, ... (one after another; --stack trains a fixed-set architecture's K
 together) and reports mean and std. Results: results/<tag>/eval.json and a markdown table; both give
 the final top-1 and the best top-1 over the periodic tests (selected on the test set, as the paper
-reports it). --soft-labels TEACHER trains on a teacher's labels of every augmented batch instead of the
+reports it). --select kmeans keeps, per class, the images nearest the k-means centroids of many candidates
+in a classifier's features instead of a random draw. --soft-labels TEACHER trains on a teacher's labels of every augmented batch instead of the
 hard labels (a teacher: --baseline full --save-classifier PATH). See docs/EVALUATION.md.
 
 The run, top-down: main() sets up; run_evaluation() holds the protocol: (1) hold out real images
@@ -38,6 +39,7 @@ from utils.evaluate import (DEFAULT_TEMPERATURE, DEFAULT_TEST_BN, iterations_per
                             train_on_generator, train_on_set)
 from utils.run import RunLog
 from utils.runtime import autocast, hardware, resolve_amp, seed_everything, select_device, setup_backend
+from utils.selection import DEFAULT_CANDIDATES, SELECTIONS, embed, kmeans_per_class
 from utils.stacking import train_stacked
 
 PROTOCOLS = ('onthefly', 'fixed')
@@ -80,6 +82,19 @@ def get_parser():
                         'rounding, utils/stacking.py)')
     g.add_argument('--no-stack', action='store_true',
                    help='one classifier after another: the default; accepted for older command lines')
+    g = p.add_argument_group('which images a fixed set keeps (docs/EVALUATION.md, "Selection")')
+    g.add_argument('--select', default='random', choices=SELECTIONS,
+                   help='--protocol fixed and --baseline random: random: ipc images per class drawn at random; '
+                        'kmeans: per class, k-means (k = ipc, seeded by the set seed) of the candidates in the '
+                        'penultimate features of --select-features, keeping the candidate nearest each centroid')
+    g.add_argument('--select-features', default=None, metavar='PATH',
+                   help='--select kmeans: the classifier whose penultimate features (eval mode) the candidates '
+                        'are clustered in: a --save-classifier file of this dataset')
+    g.add_argument('--candidates', type=int, default=None, metavar='M',
+                   help=f'--select kmeans of a generator: M x ipc draws per class to choose the ipc from (None: '
+                        f'{DEFAULT_CANDIDATES}: at ipc 1 ten draws to choose among, and a draw plus the clustering '
+                        'stay seconds on a CPU); real candidates are every training image of the class but the '
+                        'held-out ones')
     g = p.add_argument_group('soft labels from a teacher (docs/EVALUATION.md, "Soft labels")')
     g.add_argument('--save-classifier', default=None, metavar='PATH',
                    help='--baseline full: keep the first --eval-model\'s classifier of seed --seed (its final '
@@ -121,6 +136,24 @@ def check_flags(args):
     if args.save_classifier and args.test_bn == 'batch':
         raise UserError("--save-classifier: a teacher labels in eval mode, so its test accuracy is measured in eval "
                         "mode too: drop --test-bn batch")
+    if args.select == 'kmeans':
+        protocol = args.protocol or ('fixed' if args.baseline else 'onthefly')
+        if protocol == 'onthefly' or args.baseline == 'full':
+            what = '--protocol onthefly draws fresh images every batch' if protocol == 'onthefly' else \
+                '--baseline full trains on every image'
+            raise UserError(f"--select kmeans chooses the images of a fixed set, but {what}: use --protocol fixed "
+                            "or --baseline random")
+        if not args.select_features:
+            raise UserError("--select kmeans clusters the candidates in a classifier's features: give "
+                            "--select-features PATH (a --baseline full --save-classifier file)")
+        if args.candidates is not None and args.baseline:
+            raise UserError("--candidates is the number of generator draws per stored image; --baseline random "
+                            "chooses among every real training image of the class")
+        if args.candidates is not None:
+            check_positive(args, 'candidates')
+    elif args.select_features or args.candidates is not None:
+        raise UserError(f"--{'select-features' if args.select_features else 'candidates'} belongs to --select "
+                        "kmeans: add --select kmeans, or drop it")
     if args.save_classifier and os.path.isdir(args.save_classifier):
         raise UserError(f"--save-classifier {args.save_classifier} is a folder: give a file name in it, "
                         "e.g. teacher.pth")
@@ -144,6 +177,11 @@ def main():
     teacher = load_teacher(args.soft_labels, info, device) if args.soft_labels else None
     if teacher is not None:
         args.temperature = args.temperature or DEFAULT_TEMPERATURE
+    # --select kmeans: the classifier whose features the candidates are clustered in, checked likewise
+    features = (load_teacher(args.select_features, info, device, flag='--select-features')
+                if args.select == 'kmeans' else None)
+    if features is not None and not args.baseline:
+        args.candidates = args.candidates or DEFAULT_CANDIDATES
     runlog = RunLog(args)
     seed_everything(args.seed)
     what = args.baseline or f'generator {args.pretrain_weight}'
@@ -162,7 +200,8 @@ def main():
               f"{args.num_eval} seed(s), test BN {args.test_bn}, device {device}, amp {args.amp}")
     try:
         report = run_evaluation(args, info, train_split, test_split, device, autocast(args.amp, device), G=G,
-                                checkpoint=args.pretrain_weight or None, runlog=runlog, teacher=teacher)
+                                checkpoint=args.pretrain_weight or None, runlog=runlog, teacher=teacher,
+                                features=features)
         path = os.path.join(runlog.results_dir, REPORT)
         write_json(report, path)
         print('\n' + markdown_table(report))
@@ -173,16 +212,17 @@ def main():
 
 
 def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, checkpoint=None, runlog=None,
-                   teacher=None):
+                   teacher=None, features=None):
     """Evaluate every --eval-model under --protocol / --baseline with --num-eval seeds; with `teacher`
     ((model, description) of utils.checkpoint.load_teacher: --soft-labels) on the teacher's labels at
-    --temperature.
+    --temperature; with `features` (the same kind of pair: --select kmeans) on sets chosen by k-means in
+    its features.
 
     Returns the report dict written to results/<tag>/eval.json (docs/EVALUATION.md lists its fields).
     """
     method = args.baseline or 'dim'
     protocol = args.protocol
-    teacher_model, teacher_about = teacher if teacher is not None else (None, None)
+    teacher_model = teacher[0] if teacher is not None else None
     save_to = getattr(args, 'save_classifier', None)  # --baseline full: keep a classifier as a teacher
     if method == 'dim' and G is None:
         raise ValueError("evaluating the generator needs G")
@@ -203,28 +243,9 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         print(f"held out {len(val_split)} real training images ({args.val_per_class} per class) to select the "
               f"epoch; the baselines draw from the other {len(train_split)}")
 
-    # (2) the fixed protocol's training sets, each drawn once: (images, labels) per seed. Generated
-    # images are float32, already normalised; real ones stay uint8 and are normalised per batch.
-    train_sets = None
-    if protocol == 'fixed':
-        built = {}
-        for s in set_seeds:
-            if s in built:
-                continue
-            if method == 'dim':
-                images, labels = draw_fixed_set(G, info, args.ipc, s, device)
-            elif method == 'random':
-                idx = random_subset_indices(train_split.labels, info.num_classes, args.ipc, s)
-                images, labels = train_split.images[idx], train_split.labels[idx]
-            else:  # full
-                images, labels = train_split.images, train_split.labels
-            where = device if images.numel() * images.element_size() <= ON_DEVICE_MAX_BYTES else torch.device('cpu')
-            built[s] = (images.to(where), labels.to(where))
-        train_sets = [built[s] for s in set_seeds]
-        n = len(train_sets[0][1])
-        print(f"fixed training set ({method}): {n} images"
-              + (f" per seed, drawn with set seeds {set_seeds}" if len(built) > 1 else "")
-              + f", {math.ceil(n / args.batch_size)} minibatches of up to {args.batch_size} per epoch")
+    # (2) the fixed protocol's training sets, each drawn (or chosen, --select) once: (images, labels) per seed
+    train_sets = training_sets(args, method, G, info, train_split, set_seeds, device, features) \
+        if protocol == 'fixed' else None
 
     # (3) every architecture, every seed: a fresh classifier from seed_everything(seed), trained and
     # tested periodically; --stack trains a fixed-set architecture's seeds together instead
@@ -273,22 +294,40 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             runlog.scalars({f'Eval/{method}/{protocol}/{name}/top1': row['top1_mean'],
                             f'Eval/{method}/{protocol}/{name}/best_top1': row['best_top1_mean']}, 0)
 
+    fixed = protocol == 'fixed' and method != 'full'
+    return make_report(args, info, method, rows, G=G, checkpoint=checkpoint, teacher=teacher, features=features,
+                       train_sets=train_sets, val_split=val_split, test_split=test_split, seeds=seeds,
+                       sets=dict(set_seed=set_seed if fixed else None, set_seeds=set_seeds if fixed else None,
+                                 fixed_set=fixed_set if fixed else None),
+                       device=device, seconds=time.time() - start)
+
+
+def make_report(args, info, method, rows, G, checkpoint, teacher, features, train_sets, val_split, test_split,
+                seeds, sets, device, seconds):
+    """The report of run_evaluation (results/<tag>/eval.json): what was trained on what, how it was
+    labelled and chosen, the recipe, every accuracy (`rows`, one per architecture), the environment."""
+    protocol, save_to = args.protocol, getattr(args, 'save_classifier', None)
     params = sum(p.numel() for p in G.parameters()) if method == 'dim' else None
     sha256 = None
     if checkpoint and method == 'dim':
         with open(checkpoint, 'rb') as f:
             sha256 = hashlib.sha256(f.read()).hexdigest()
     ipc = None if method == 'full' else args.ipc
-    fixed = protocol == 'fixed' and method != 'full'
+    kmeans = features is not None
     return {
         'format': REPORT_FORMAT,
         'protocol': protocol,
         'method': method,
         # hard: cross-entropy on the set's labels; soft: every augmented batch labelled by the teacher
-        'labels': 'hard' if teacher_model is None else 'soft',
-        'temperature': None if teacher_model is None else args.temperature,
-        'teacher': teacher_about,
+        'labels': 'hard' if teacher is None else 'soft',
+        'temperature': None if teacher is None else args.temperature,
+        'teacher': None if teacher is None else teacher[1],
         'saved_classifier': os.path.abspath(save_to) if save_to else None,
+        # which images a fixed set keeps: random, or kmeans in the features of a classifier file
+        'select': ('kmeans' if kmeans else 'random') if protocol == 'fixed' and method != 'full' else None,
+        'select_features': features[1] if kmeans else None,
+        # DiM: draws per stored image; real images: None (every training image of the class but held-out ones)
+        'candidates': (getattr(args, 'candidates', None) or DEFAULT_CANDIDATES) if kmeans and method == 'dim' else None,
         'dataset': info.name,
         'num_classes': info.num_classes,
         'ipc': ipc,
@@ -304,40 +343,77 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
         'architectures': list(args.eval_model),
         'num_eval': args.num_eval,
         'seeds': seeds,
-        'set_seed': set_seed if fixed else None,
-        'set_seeds': set_seeds if fixed else None,
-        'fixed_set': fixed_set if fixed else None,
+        **sets,
         'generator_checkpoint': os.path.abspath(checkpoint) if checkpoint and method == 'dim' else None,
         'generator_sha256': sha256,
         'recipe': {
             'epochs_eval': args.epochs_eval, 'eval_lr': args.eval_lr, 'batch_size': args.batch_size,
             'momentum': args.momentum, 'weight_decay': args.weight_decay,
             'lr_schedule': 'x0.1 after the first half of the epochs' if protocol == 'fixed' else 'constant',
-            'loss': 'cross-entropy (CutMix: lam-weighted over both labels)' if teacher_model is None else
+            'loss': 'cross-entropy (CutMix: lam-weighted over both labels)' if teacher is None else
                     'KL(softmax(teacher/T) || softmax(student/T)) x T^2, summed over classes, averaged over the batch',
             'aug_type': args.aug_type, 'mixup_net': args.mixup_net, 'mix_p': args.mix_p, 'beta': args.beta,
             'test_interval': args.test_interval,
             'test_bn': args.test_bn, 'test_batch_size': test_batch_size(args),
         },
         'test_order_seed': test_split.order_seed,
-        'accuracy_keys': {
-            'top1': 'top-1 (%) on the real test set after the last epoch',
-            'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
-                       'running: eval mode',
-            'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
-            'selected_top1': 'top-1 (%) at the periodic test whose accuracy on the held-out real training '
-                             'images (--val-per-class) was highest (earliest on ties)',
-            'top5': 'top-5 (%) after the last epoch',
-            'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',
-            'std': 'population standard deviation over the seeds (ddof=0)',
-        },
+        'accuracy_keys': ACCURACY_KEYS,
         'rows': rows,
         'device': str(device),
         'hardware': hardware(device),
         'amp': getattr(args, 'amp', 'off'),
         'torch': torch.__version__,
-        'wall_seconds': round(time.time() - start, 3),
+        'wall_seconds': round(seconds, 3),
     }
+
+
+ACCURACY_KEYS = {  # what each accuracy of a report's rows is (eval.json repeats it for its readers)
+    'top1': 'top-1 (%) on the real test set after the last epoch',
+    'test_bn': 'batch: tested in train mode, BatchNorm on each test batch (official, transductive); '
+               'running: eval mode',
+    'best_top1': 'best top-1 (%) over the periodic tests: selected on the test set',
+    'selected_top1': 'top-1 (%) at the periodic test whose accuracy on the held-out real training '
+                     'images (--val-per-class) was highest (earliest on ties)',
+    'top5': 'top-5 (%) after the last epoch',
+    'best_top5': 'best top-5 (%) over the periodic tests: selected on the test set',
+    'std': 'population standard deviation over the seeds (ddof=0)',
+}
+
+
+def training_sets(args, method, G, info, train_split, set_seeds, device, features=None):
+    """The fixed protocol's training set of each seed, (images, labels), drawn once per set seed:
+    generated images float32 and normalised, real ones uint8 (normalised per batch). With `features`
+    (--select kmeans) each set is chosen by k-means among candidates: for DiM --candidates x ipc draws
+    per class with the set seed, for real images every training image of the class (held-out ones
+    excluded); the seed of the set seeds the clustering."""
+    built, real_features = {}, None
+    for s in set_seeds:
+        if s in built:
+            continue
+        if method == 'dim':
+            draws = args.ipc * ((getattr(args, 'candidates', None) or DEFAULT_CANDIDATES) if features is not None else 1)
+            images, labels = draw_fixed_set(G, info, draws, s, device)
+            if features is not None:
+                idx = kmeans_per_class(embed(features[0], images, info, device), labels.cpu(), info.num_classes,
+                                       args.ipc, s)
+                images, labels = images[idx.to(images.device)], labels[idx.to(labels.device)]
+        elif method == 'random':
+            if features is None:
+                idx = random_subset_indices(train_split.labels, info.num_classes, args.ipc, s)
+            else:  # the candidates are the same for every seed: embedded once
+                if real_features is None:
+                    real_features = embed(features[0], train_split.images, info, device)
+                idx = kmeans_per_class(real_features, train_split.labels.cpu(), info.num_classes, args.ipc, s)
+            images, labels = train_split.images[idx], train_split.labels[idx]
+        else:  # full
+            images, labels = train_split.images, train_split.labels
+        where = device if images.numel() * images.element_size() <= ON_DEVICE_MAX_BYTES else torch.device('cpu')
+        built[s] = (images.to(where), labels.to(where))
+    n = len(built[set_seeds[0]][1])
+    print(f"fixed training set ({method}{', k-means' if features is not None else ''}): {n} images"
+          + (f" per seed, drawn with set seeds {set_seeds}" if len(built) > 1 else "")
+          + f", {math.ceil(n / args.batch_size)} minibatches of up to {args.batch_size} per epoch")
+    return [built[s] for s in set_seeds]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,13 +500,14 @@ def markdown_table(report, labels=None):
     soft = report.get('labels', 'hard') == 'soft'  # reports from before soft labels are hard
     labels = soft if labels is None else labels
     how = SOFT_CELL.format(**report) if soft else 'hard'
+    chosen = ' (k-means)' if report.get('select') == 'kmeans' else ''  # --select kmeans; reports before it: random
     lines = ["| method | " + ("labels | " if labels else "") + "protocol | test BN | dataset | ipc | model | runs "
              "| top-1 final (mean ± std) "
              + ("| top-1 at the test selected on held-out train images (mean ± std) " if selected else "")
              + "| top-1 best, selected on test (mean ± std) | top-5 final (mean ± std) |",
              "|---|---|---|---|---|---|---|---|" + "---|" * (bool(labels) + bool(selected)) + "---|---|"]
     for r in report['rows']:
-        lines.append(f"| {report['method']} | " + (f"{how} | " if labels else "") + f"{report['protocol']} "
+        lines.append(f"| {report['method']}{chosen} | " + (f"{how} | " if labels else "") + f"{report['protocol']} "
                      f"| {report['test_bn']} | {report['dataset']} "
                      f"| {ipc} | {r['architecture']} | {K} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
                      + (f"| {r['selected_top1_mean']:.2f} ± {r['selected_top1_std']:.2f} " if selected else "")

@@ -8,7 +8,8 @@ classifier (final top-1), with how many distinct images each training saw and, w
 misc/diagnose.py report of the same generator checkpoint), how often that generator draws the class it
 is asked for. When any report trained on a teacher's soft labels (validate.py --soft-labels), both tables
 get a labels column (hard, or soft with the temperature; reports from before soft labels are hard), so
-hard and soft rows stand side by side.
+hard and soft rows stand side by side; sets chosen by k-means (validate.py --select kmeans) say so in
+their method or row name.
 """
 import argparse
 import json
@@ -51,12 +52,13 @@ def distinct_images(report):
 
 def row_name(report):
     ipc = report['ipc']
+    kmeans = ', k-means' if report.get('select') == 'kmeans' else ''  # validate.py --select kmeans
     if report['method'] == 'random':
-        return f'random real subset, {ipc} per class'
+        return f'real subset of {ipc} per class, k-means' if kmeans else f'random real subset, {ipc} per class'
     if report['method'] == 'full':
         return 'full real training set'
     if report['protocol'] == 'fixed':
-        return f'DiM, fixed set of {ipc} per class'
+        return f'DiM, fixed set of {ipc} per class' + kmeans
     return "DiM, on the fly (the paper's protocol)"
 
 

@@ -25,12 +25,14 @@ import validate  # noqa: E402
 
 SKIP = (os.path.join(ROOT, '.venv'), os.path.join(ROOT, 'tests'), os.path.join(ROOT, 'misc'))
 MODELS = 'models' + os.sep
-# issue 26: a validate.py run reads at most this many files and functions outside models/
-VALIDATE_GOAL = {'files': 8, 'functions': 60}
-# what the run reads now, which tests/test_reading_path.py keeps it from exceeding: the goal. Of the 60
-# functions, 41 are in data/, utils/augment.py, cli, runtime, run and checkpoint, and 19 in validate.py and
+# a validate.py run reads at most this many files and functions outside models/: issue 26's 60, raised to
+# 62 by issues 42 and 44 (the report and the set building each a function of their own, so that
+# run_evaluation reads as a page; the tensorboard curves add none)
+VALIDATE_GOAL = {'files': 8, 'functions': 62}
+# what the run reads now, which tests/test_reading_path.py keeps it from exceeding: the goal. Of the 62
+# functions, 41 are in data/, utils/augment.py, cli, runtime, run and checkpoint, and 21 in validate.py and
 # utils/evaluate.py (no cache in the path any more, so a first run in a fresh process counts the same)
-VALIDATE_CEILING = {'files': 8, 'functions': 60}
+VALIDATE_CEILING = {'files': 8, 'functions': 62}
 # issue 26's goals for one iteration of the GAN stages (stage 1: at most 4 files outside models/; stage 2:
 # at most 5 files and 30 functions), which they meet and the test suite holds them to: stage 2's 30
 # functions are 4 in pool_match.py, 6 in gen_condense.py, 5 in data/, 5 in utils/run.py (the print every
@@ -151,7 +153,7 @@ def main():
         print(f"issue 26's goal for {name}: {STAGE_GOAL[name]} outside models/; measured {counts['files']} files "
               f"and {counts['functions']} functions (the test suite holds it to {STAGE_CEILING[name]})")
     counts = validate_run(weight, out)
-    print(f"issue 26's goal for the validate.py run: at most {VALIDATE_GOAL['files']} files and "
+    print(f"the goal for the validate.py run: at most {VALIDATE_GOAL['files']} files and "
           f"{VALIDATE_GOAL['functions']} functions outside models/; measured {counts['files']} and "
           f"{counts['functions']} (the test suite holds it to {VALIDATE_CEILING['files']} and "
           f"{VALIDATE_CEILING['functions']})")

@@ -19,6 +19,9 @@ Evaluation rows use held-out real training images for selection (--val-per-class
 drawing its own set (--num-eval), and the generator of the last epoch of each stage (no selection on
 the test set anywhere in the pipeline).
 
+--select kmeans (or --select random kmeans) adds the fixed-set and random-real rows with their sets
+chosen by k-means in the teacher's features (validate.py --select kmeans), tags ending in -kmeans.
+
 --labels soft (or --labels hard soft) adds rows trained on a teacher's soft labels (validate.py
 --soft-labels): first the teacher (the full row's first classifier, kept with --save-classifier; when the
 full row ran without keeping one, a one-seed row of its own, tag `teacher`), then, at each ipc, the soft
@@ -39,7 +42,7 @@ sys.path.insert(0, ROOT)
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 RESULTS_MD = os.path.join(ROOT, 'docs', 'RESULTS.md')
 
-from misc.schedules import SOFT_SUFFIX, TEACHER_FILE, TEACHER_TAG, schedule_for  # noqa: E402
+from misc.schedules import KMEANS_SUFFIX, SCHEDULES, SOFT_SUFFIX, TEACHER_FILE, TEACHER_TAG, schedule_for  # noqa: E402
 
 # Datasets of this script that the stages read under another --data: the lossy JPEG copy of CIFAR-10 in
 # shared/datasets is an image folder (train/<class>/, test/<class>/), kept apart from real CIFAR-10 so
@@ -80,6 +83,7 @@ class Reproduction:
         self.models = tuple(args.eval_model or self.s['eval_models'])
         self.model_suffix = '' if self.models == tuple(self.s['eval_models']) else '-' + '-'.join(self.models)
         self.labels = tuple(getattr(args, 'labels', None) or ('hard',))
+        self.selects = tuple(getattr(args, 'select', None) or ('random',))
         self.only = getattr(args, 'only', None)
 
     def started(self):
@@ -149,12 +153,14 @@ class Reproduction:
                             # up to float rounding as one after another; this keeps reruns bit-identical)
                             '--stack', '--eval-model', *self.models, *flags, log=self.log))
 
-    def rows(self, generators=None, labels=None):
-        """(tag, validate.py flags) of every evaluation row of the schedule asked for (--rows, --labels), in
-        the order they run: ipc 1 and 10, the full training set, then ipc 50 (the cheapest rows first).
-        Without generators and labels, only the tags are right (for checking --only)."""
+    def rows(self, generators=None, labels=None, selects=None):
+        """(tag, validate.py flags) of every evaluation row of the schedule asked for (--rows, --labels,
+        --select), in the order they run: ipc 1 and 10, the full training set, then ipc 50 (the cheapest rows
+        first). Without generators, labels and selects, only the tags are right (for checking --only)."""
         generators = generators or {'1': None, **({'1+2': None} if self.s.get('stage2') else {})}
         labels = labels or [(SOFT_SUFFIX if mode == 'soft' else '', []) for mode in self.labels]
+        # which images the fixed sets keep: (tag suffix, validate.py flags); on-the-fly rows keep none
+        selects = selects or [(KMEANS_SUFFIX if mode == 'kmeans' else '', []) for mode in self.selects]
         ipcs = [i for i in self.s['ipcs'] if i <= 10] + ['full'] + [i for i in self.s['ipcs'] if i > 10]
         for ipc in ipcs:
             if self.args.rows and str(ipc) not in self.args.rows:
@@ -165,10 +171,14 @@ class Reproduction:
                 continue
             for suffix, flags in labels:
                 for stages, weight in generators.items():
-                    for protocol in ('onthefly', 'fixed'):
-                        yield (f"dim-s{stages.replace('+', '')}-{protocol}-ipc{ipc}{suffix}",
-                               ['--pretrain-weight', weight, '--protocol', protocol, '--ipc', ipc, *flags])
-                yield f'random-ipc{ipc}{suffix}', ['--baseline', 'random', '--ipc', ipc, *flags]
+                    dim = f"dim-s{stages.replace('+', '')}"
+                    yield (f"{dim}-onthefly-ipc{ipc}{suffix}",
+                           ['--pretrain-weight', weight, '--protocol', 'onthefly', '--ipc', ipc, *flags])
+                    for chosen, select in selects:
+                        yield (f"{dim}-fixed-ipc{ipc}{chosen}{suffix}",
+                               ['--pretrain-weight', weight, '--protocol', 'fixed', '--ipc', ipc, *select, *flags])
+                for chosen, select in selects:
+                    yield f'random-ipc{ipc}{chosen}{suffix}', ['--baseline', 'random', '--ipc', ipc, *select, *flags]
 
     def full_flags(self):
         return ['--baseline', 'full', '--epochs-eval', self.s['full_epochs'],
@@ -196,9 +206,13 @@ class Reproduction:
             generators['1+2'] = self.stage2(generators['1'])
         # each set of labels asked for: (tag suffix, extra validate.py flags); the teacher comes first
         labels = [('', [])] if 'hard' in self.labels else []
+        teacher = self.teacher() if 'soft' in self.labels or 'kmeans' in self.selects else None
         if 'soft' in self.labels:
-            labels.append((SOFT_SUFFIX, ['--soft-labels', self.teacher()]))
-        for tag, flags in self.rows(generators, labels):
+            labels.append((SOFT_SUFFIX, ['--soft-labels', teacher]))
+        # --select kmeans clusters in the teacher's features (the full-set classifier)
+        selects = [(KMEANS_SUFFIX, ['--select', 'kmeans', '--select-features', teacher]) if mode == 'kmeans'
+                   else ('', []) for mode in self.selects]
+        for tag, flags in self.rows(generators, labels, selects):
             if not self.only or tag in self.only:
                 self.evaluate(f'eval {tag}', tag, flags)
         grids = sorted(glob.glob(self.path('s1', os.path.join('outputs', 'img_*.png'))),
@@ -214,7 +228,8 @@ class Reproduction:
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('dataset', help='digits, mnist, cifar10-jpeg (cpu schedule) or any dataset of gen_condense.py (paper)')
-    p.add_argument('--schedule', default='cpu', choices=('cpu', 'paper'))
+    p.add_argument('--schedule', default='cpu', choices=tuple(SCHEDULES),
+                   help="cpu: 2 CPU cores; cpu-3x: MNIST's with 3x stage 1 (misc/schedules.py); paper: the official")
     p.add_argument('--data-dir', default=None, help='passed to every script')
     p.add_argument('--device', default='auto')
     p.add_argument('--rows', nargs='+', default=None, metavar='ROW',
@@ -231,6 +246,10 @@ def get_parser():
                    help="hard: the rows on the sets' own labels; soft: the same rows (but the full one) on the "
                         "labels of a teacher trained on the full training set (validate.py --soft-labels), "
                         "tags ending in -soft; the teacher is trained first if no row kept one")
+    p.add_argument('--select', nargs='+', default=['random'], choices=('random', 'kmeans'),
+                   help="random: the fixed sets and the real subsets drawn at random; kmeans: the same rows with "
+                        "their sets chosen by k-means in the teacher's features (validate.py --select kmeans), tags "
+                        "ending in -kmeans; the teacher is trained first if no row kept one")
     p.add_argument('--resume', action='store_true',
                    help='continue the earlier run of this reproduction (also to add rows or models to it): '
                         'finished steps are skipped, a stopped stage continues where it stopped')

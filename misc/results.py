@@ -21,7 +21,11 @@ sys.path.insert(0, ROOT)
 
 from misc.schedules import TEACHER_TAG, schedule_for  # noqa: E402
 
-TAG = re.compile(r'repro-(?P<dataset>[a-z0-9-]+?)-(?P<schedule>cpu|paper)-(?P<tag>.+)$')
+from misc.schedules import SCHEDULES  # noqa: E402
+
+# repro-<dataset>-<schedule>-<row>; the longer schedule names first (cpu-3x before cpu)
+TAG = re.compile(r'repro-(?P<dataset>[a-z0-9-]+?)-(?P<schedule>%s)-(?P<tag>.+)$'
+                 % '|'.join(sorted(map(re.escape, SCHEDULES), key=len, reverse=True)))
 # how the accuracy of one classifier is read: at the last epoch, at the periodic test chosen on held-out
 # real training images (--val-per-class), or the best periodic test (chosen on the test set: optimistic)
 SELECTIONS = {'final': 'top1', 'held-out': 'selected_top1', 'best-on-test': 'best_top1'}
@@ -66,6 +70,7 @@ def records_of(report_path, schedules, times):
                 'stages': stages, 'ipc': report['ipc'], 'arch': row['architecture'], 'test_bn': report['test_bn'],
                 'labels': report.get('labels', 'hard'), 'temperature': report.get('temperature'),
                 'teacher': {k: teacher.get(k) for k in ('architecture', 'sha256', 'test_top1')} if teacher else None,
+                'select': select_of(report),
                 'selection': selection, 'mean': round(row[f'{field}_mean'], 2), 'std': round(row[f'{field}_std'], 2),
                 'seeds': row['seeds'], 'set_seeds': report.get('set_seeds'),
                 'accuracies': [round(v, 2) for v in row[field]],
@@ -80,12 +85,26 @@ def records_of(report_path, schedules, times):
     return out
 
 
-RECORD_KEY = ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'labels', 'selection')
+def select_of(report_or_record):
+    """Which images a fixed set kept (validate.py --select): 'random' or 'kmeans' for a fixed set or a real
+    subset, None where nothing is chosen (on the fly, the full set). Reports and records from before
+    --select are random draws."""
+    if report_or_record['protocol'] != 'fixed' or report_or_record['method'] == 'full':
+        return None
+    return report_or_record.get('select') or 'random'
+
+
+RECORD_KEY = ('dataset', 'protocol', 'method', 'stages', 'ipc', 'arch', 'labels', 'select', 'selection')
 BEFORE_SOFT_LABELS = {'labels': 'hard', 'temperature': None, 'teacher': None}  # what older records lack
 
 
+def with_defaults(record):
+    """A record with the fields that records from before soft labels and --select lack."""
+    return {**BEFORE_SOFT_LABELS, **record, 'select': select_of(record)}
+
+
 def _key(record):
-    return (record['schedule']['name'],) + tuple({**BEFORE_SOFT_LABELS, **record}[k] for k in RECORD_KEY)
+    return (record['schedule']['name'],) + tuple(with_defaults(record)[k] for k in RECORD_KEY)
 
 
 def collect(results_dir, json_path, md_path):
@@ -110,7 +129,7 @@ def collect(results_dir, json_path, md_path):
             found[_key(record)] = record
     earlier = json.load(open(json_path)) if os.path.exists(json_path) else {}
     # records from before eval.json named the hardware say so with None; those from before soft labels are hard
-    kept = [{'hardware': None, **BEFORE_SOFT_LABELS, **r} for r in earlier.get('records', []) if _key(r) not in found]
+    kept = [{'hardware': None, **with_defaults(r)} for r in earlier.get('records', []) if _key(r) not in found]
     records = kept + list(found.values())
     stage_times = {name: {**earlier.get('stage_wall_s', {}).get(name, {}), **stage_times.get(name, {})}
                    for name in sorted({*earlier.get('stage_wall_s', {}), *stage_times})}
@@ -159,18 +178,21 @@ def markdown(records, stage_times):
     lines = []
     keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records})
     for dataset, schedule, arch in keys:
-        mine = [{**BEFORE_SOFT_LABELS, **r} for r in records if r['dataset'] == dataset
-                and r['schedule']['name'] == schedule and r['arch'] == arch and r['selection'] == 'held-out']
+        mine = [with_defaults(r) for r in records if r['dataset'] == dataset and r['schedule']['name'] == schedule
+                and r['arch'] == arch and r['selection'] == 'held-out' and select_of(r) != 'kmeans']
         quoted = QUOTED.get(dataset, {}) if arch == 'convnet' else {}
         qcols = [k for k in ('random', 'DC', 'DSA', 'IDC') if k in quoted]
         lines += [f'## {dataset}, {schedule} schedule, {arch}', '']
-        header = ['ipc'] + [title for title, _ in COLUMNS] + ['full training set']
+        # the columns this dataset has rows of (no stage-2 columns where stage 2 did not run)
+        columns = [(title, match) for title, match in COLUMNS
+                   if any(all(r.get(k) == v for k, v in match.items()) for r in mine)]
+        header = ['ipc'] + [title for title, _ in columns] + ['full training set']
         header += [f'{k} (quoted)' for k in qcols]
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         full = _cell(mine, method='full', labels='hard')
         ipcs = sorted({r['ipc'] for r in mine if r['ipc'] is not None})
         for ipc in sorted({r['ipc'] for r in mine if r['ipc'] is not None and r['labels'] == 'hard'}):
-            cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels='hard') for _, match in COLUMNS] + [full]
+            cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels='hard') for _, match in columns] + [full]
             cells += [str(quoted[k].get(ipc, '–')) for k in qcols]
             lines.append('| ' + ' | '.join(cells) + ' |')
         if quoted:
@@ -180,14 +202,48 @@ def markdown(records, stage_times):
         if soft:
             lines += soft_table(mine, soft, ipcs, full)
         times = stage_times.get(f'{dataset}/{schedule}', {})
-        if times:
+        if times:  # the device and torch; the hardware stays in results.json
             first = mine[0] if mine else {}
-            on = f": {first['hardware']}" if first.get('hardware') else ''
-            where = f"{first.get('device', '?')}{on}, torch {first.get('torch', '?')}"
+            where = f"{first.get('device', '?')}, torch {first.get('torch', '?')}"
             lines += ['', 'Wall time: ' + ', '.join(f"{k} {seconds / 60:.1f} min" for k, seconds in sorted(times.items()))
                       + f" ({where})."]
         lines.append('')
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + kmeans_table(records)) + '\n'
+
+
+# the rows of the k-means table: heading, and what a record of it matches (DiM: the dataset's last stage)
+SET_KINDS = [('DiM fixed set, random draw', dict(method='dim', protocol='fixed', select='random')),
+             ('DiM fixed set, k-means', dict(method='dim', protocol='fixed', select='kmeans')),
+             ('random real subset', dict(method='random', select='random')),
+             ('k-means real subset', dict(method='random', select='kmeans'))]
+
+
+def kmeans_table(records):
+    """Lines of the table of stored sets chosen at random against by k-means (validate.py --select): one
+    row per set kind, one column per dataset, schedule, ipc and labels that has a k-means row (ConvNet-3,
+    held-out selection); empty when no k-means row exists."""
+    mine = [with_defaults(r) for r in records if r['arch'] == 'convnet' and r['selection'] == 'held-out']
+    columns = sorted({(r['dataset'], r['schedule']['name'], r['ipc'], r['labels']) for r in mine
+                      if r['select'] == 'kmeans'})
+    if not columns:
+        return []
+    last_stage = {(r['dataset'], r['schedule']['name']): r['stages'] for r in mine if r['stages'] == '1+2'}
+    lines = ['## Stored sets: random draw against k-means', '',
+             "Per class, k-means (k = ipc) in the penultimate features of the full-set teacher, keeping the image "
+             "nearest each centroid (`validate.py --select kmeans`); DiM's candidates are 10 x ipc draws, real ones "
+             "every training image of the class. ConvNet-3, top-1 (%) at the epoch chosen on held-out images.", '',
+             '| set | ' + ' | '.join(f'{d} ({s}), ipc {i}, {labels}' for d, s, i, labels in columns) + ' |',
+             '|---|' + '---|' * len(columns)]
+    for title, match in SET_KINDS:
+        cells = []
+        for dataset, schedule, ipc, labels in columns:
+            stages = last_stage.get((dataset, schedule), '1') if match['method'] == 'dim' else None
+            hits = [r for r in mine if r['dataset'] == dataset and r['schedule']['name'] == schedule
+                    and r['ipc'] == ipc and r['labels'] == labels and r['stages'] == stages
+                    and all(r.get(k) == v for k, v in match.items())]
+            cells.append(f"{hits[0]['mean']:.1f} ± {hits[0]['std']:.1f}" if hits else '–')
+        lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
 
 
 def soft_table(mine, soft, ipcs, full):

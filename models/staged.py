@@ -10,17 +10,22 @@ class StagedNet(nn.Module):
     official `get_feature` order: [stem output] + one entry per stage + [pooled vector, logits].
     The two class flags below say which of the bracketed extras an architecture reports:
     ResNet has both (7 entries), ResNetAP only the stem (5), ConvNet neither (its 3 blocks).
-    `forward(x)` computes the logits alone and never builds the list.
+    `forward(x)` computes the logits alone and never builds the list; `embed(x)` the vector before fc.
     """
 
     feature_stem = True  # the list starts with the stem's output
     feature_head = True  # the list ends with the pooled, flattened vector and the logits
 
     def forward(self, x):
+        return self.fc(self.embed(x))
+
+    def embed(self, x):
+        """The penultimate features: the pooled, flattened vector the classifier head reads
+        (validate.py --select kmeans clusters images by it)."""
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
-        return self.fc(self.flat(x))
+        return self.flat(x)
 
     def flat(self, x):
         # An explicit NCHW copy first: under channels-last, torch 2.14's compiled graphs believe the

@@ -25,7 +25,7 @@ REPORT_KEYS = {'format', 'protocol', 'method', 'dataset', 'num_classes', 'ipc', 
                'num_eval', 'seeds', 'set_seed', 'generator_checkpoint', 'generator_sha256', 'recipe',
                'accuracy_keys', 'rows', 'device', 'hardware', 'amp', 'torch', 'wall_seconds', 'test_bn', 'set_seeds', 'fixed_set',
                'val_per_class', 'val_images', 'storage', 'test_order_seed', 'labels', 'temperature', 'teacher',
-               'saved_classifier'}
+               'saved_classifier', 'select', 'select_features', 'candidates'}
 ROW_KEYS = {'architecture', 'seeds', 'stacked', 'wall_seconds', 'test_curves'} | {
     f'{k}{s}' for k in ('top1', 'best_top1', 'top5', 'best_top5') for s in ('', '_mean', '_std')}
 

@@ -62,12 +62,14 @@ def test_collect_writes_one_record_per_selection_and_keeps_the_prose(reports, tm
     assert held['hardware'] == made['random-ipc1']['hardware'] and 'kernels' in held['hardware']
     dim = next(r for r in records if r['method'] == 'dim' and r['selection'] == 'final')
     assert dim['stages'] == '1+2' and dim['storage_bytes']['generator_fp32'] > 0
+    assert held['select'] == dim['select'] == 'random'  # a real subset and a fixed set, both drawn at random
     text = md.read_text()
     assert 'prose before' in text and 'prose after' in text and 'old table' not in text
     assert '## digits, cpu schedule, convnet' in text
     mean, std = row['selected_top1_mean'], row['selected_top1_std']
     assert f'| 1 | {mean:.1f} ± {std:.1f} |' in text  # the random column of the ipc-1 row
-    assert f"Wall time: stage1 1.0 min (cpu: {held['hardware']}, torch {torch.__version__})." in text
+    # the wall-time line names the device and torch; the CPU model stays in results.json
+    assert f"Wall time: stage1 1.0 min (cpu, torch {torch.__version__})." in text and held['hardware'] not in text
 
 
 def test_collect_keeps_earlier_rows_and_replaces_only_rerun_ones(reports, tmp_path):
@@ -91,6 +93,32 @@ def test_collect_keeps_earlier_rows_and_replaces_only_rerun_ones(reports, tmp_pa
     assert [r['mean'] for r in held] == [12.5]
     assert [r for r in records if r['method'] == 'dim'] == [r for r in first['records'] if r['method'] == 'dim']
     assert json.loads(out.read_text())['stage_wall_s'] == {'digits/cpu': {'stage1': 60.0}}
+
+
+def test_collect_keeps_kmeans_rows_apart_in_a_table_of_their_own(reports, tmp_path):
+    root, made = reports
+    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
+    collect(str(root), str(out), str(md))
+    table_before = md.read_text()
+    both = tmp_path / 'both'
+    kmeans = json.loads(json.dumps(made['random-ipc1']))
+    kmeans.update(select='kmeans', select_features={'sha256': 'f' * 64})
+    kmeans['rows'][0]['selected_top1_mean'] = 42.0
+    (both / 'repro-digits-cpu-random-ipc1-kmeans').mkdir(parents=True)
+    (both / 'repro-digits-cpu-random-ipc1-kmeans' / 'eval.json').write_text(json.dumps(kmeans))
+    collect(str(both), str(out), str(md))
+    records = json.loads(out.read_text())['records']
+    assert sorted(r['select'] for r in records if r['method'] == 'random' and r['selection'] == 'held-out') == \
+        ['kmeans', 'random']  # a record of its own beside the random draw's, which stays
+    text = md.read_text()
+    # the dataset's table is unchanged; the k-means one holds both kinds of real subset
+    assert text.split('## Stored sets')[0].rstrip() == table_before.split('<!-- measured results: end')[0].rstrip()
+    kmeans_part = text.split('## Stored sets: random draw against k-means')[1]
+    random_mean = made['random-ipc1']['rows'][0]['selected_top1_mean']
+    assert '| digits (cpu), ipc 1, hard |' in kmeans_part
+    assert f'| random real subset | {random_mean:.1f} ±' in kmeans_part and '| k-means real subset | 42.0 ±' in kmeans_part
+    dim_mean = made['dim-s12-fixed-ipc1']['rows'][0]['selected_top1_mean']  # DiM: the dataset's last stage
+    assert f'| DiM fixed set, random draw | {dim_mean:.1f} ±' in kmeans_part and '| DiM fixed set, k-means | – |' in kmeans_part
 
 
 def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
@@ -322,6 +350,38 @@ def test_reproduce_labels_hard_soft_keeps_the_full_rows_classifier_as_the_teache
         assert '--soft-labels' not in flags
     for _, flags in calls[5:]:
         assert flags[flags.index('--soft-labels') + 1] == teacher and '--stack' in flags
+
+
+def test_reproduce_select_kmeans_adds_kmeans_twins_of_the_fixed_and_random_rows(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_1.pth')
+    args = Namespace(dataset='mnist', schedule='cpu', data_dir='data', device='cpu', rows=['1'], eval_model=None,
+                     labels=['hard', 'soft'], select=['random', 'kmeans'])
+    reproduce.Reproduction(args).all()
+    teacher = str(tmp_path / 'results' / 'repro-mnist-cpu-full' / 'teacher.pth')
+    rows = [t[len('repro-mnist-cpu-'):] for t in _tags(calls)[2:]]
+    # on-the-fly rows have no set to choose; the k-means suffix comes before the labels' one
+    assert rows == ['dim-s1-onthefly-ipc1', 'dim-s1-fixed-ipc1', 'dim-s1-fixed-ipc1-kmeans', 'random-ipc1',
+                    'random-ipc1-kmeans', 'dim-s1-onthefly-ipc1-soft', 'dim-s1-fixed-ipc1-soft',
+                    'dim-s1-fixed-ipc1-kmeans-soft', 'random-ipc1-soft', 'random-ipc1-kmeans-soft']
+    for (_, flags), row in zip(calls[2:], rows):
+        kmeans = 'kmeans' in row
+        assert ('--select' in flags) == kmeans
+        if kmeans:  # clustered in the teacher's features
+            assert flags[flags.index('--select') + 1] == 'kmeans'
+            assert flags[flags.index('--select-features') + 1] == teacher
+
+
+def test_reproduce_cpu_3x_schedule_is_mnist_with_three_times_stage_1(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_5.pth')
+    args = Namespace(dataset='mnist', schedule='cpu-3x', data_dir='data', device='cpu', rows=None, eval_model=None,
+                     select=['random', 'kmeans'], only=['dim-s1-fixed-ipc10-kmeans', 'dim-s1-onthefly-ipc10'])
+    reproduce.Reproduction(args).all()
+    stage1 = calls[0][1]
+    assert stage1[stage1.index('--epochs') + 1] == str(3 * reproduce.schedule_for('mnist', 'cpu')['stage1']['epochs'])
+    assert _tags(calls) == ['repro-mnist-cpu-3x-s1', 'repro-mnist-cpu-3x-full', 'repro-mnist-cpu-3x-dim-s1-onthefly-ipc10',
+                            'repro-mnist-cpu-3x-dim-s1-fixed-ipc10-kmeans']
+    with pytest.raises(SystemExit, match='no cpu-3x schedule for digits'):
+        reproduce.schedule_for('digits', 'cpu-3x')
 
 
 def test_reproduce_labels_soft_resume_adds_a_teacher_row_to_a_finished_run(tmp_path, monkeypatch):

@@ -221,35 +221,36 @@ def save_teacher(path, architecture, state_dict, info, **record):
                      'torch': str(torch.__version__), **record}, path)
 
 
-def load_teacher(path, info, device='cpu'):
+def load_teacher(path, info, device='cpu', flag='--soft-labels'):
     """The teacher of --soft-labels, rebuilt on `device` in eval mode and frozen (no parameter takes a
     gradient, so no optimizer can move it). A file that is not a teacher, or one trained on other data or
     with another normalisation than `info`, is a one-line UserError. Returns (model, description): the
-    description is what eval.json records, the file's sha256 and the teacher's own test accuracy among it."""
+    description is what eval.json records, the file's sha256 and the teacher's own test accuracy among it.
+    `flag` names the option that gave the file in the errors (--select-features reads the same files)."""
     if not path or not os.path.isfile(path):
-        raise UserError(f"--soft-labels: teacher not found: {path}")
+        raise UserError(f"{flag}: teacher not found: {path}")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
         ckpt = torch.load(io.BytesIO(raw), map_location='cpu', weights_only=True)
     except Exception as e:  # a torn file, a pickle of other objects (a GAN checkpoint with its RNG states)
-        raise UserError(f"--soft-labels: cannot read {path} as a teacher: truncated or not a teacher checkpoint "
+        raise UserError(f"{flag}: cannot read {path} as a teacher: truncated or not a teacher checkpoint "
                         f"({type(e).__name__}); {WRITES_A_TEACHER}") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != TEACHER_FORMAT:
         what = 'a generator checkpoint' if isinstance(ckpt, dict) and 'generator' in ckpt else 'another kind of file'
-        raise UserError(f"--soft-labels: {path} is {what}, not a teacher; {WRITES_A_TEACHER}")
+        raise UserError(f"{flag}: {path} is {what}, not a teacher; {WRITES_A_TEACHER}")
     missing = [k for k in TEACHER_KEYS if k not in ckpt]
     if missing:
-        raise UserError(f"--soft-labels: {path} is a damaged teacher checkpoint (missing {', '.join(missing)})")
+        raise UserError(f"{flag}: {path} is a damaged teacher checkpoint (missing {', '.join(missing)})")
     check_compatible(ckpt, info, path)
     stored = ckpt['dataset']
     mean, std = list(stored.get('mean', ())), list(stored.get('std', ()))
     if (mean, std) != (list(info.mean), list(info.std)):
         # the teacher would see inputs shifted and scaled other than in its training: wrong labels, silently
-        raise UserError(f"--soft-labels: {path} was trained on inputs normalised with mean {mean} and std {std}, "
+        raise UserError(f"{flag}: {path} was trained on inputs normalised with mean {mean} and std {std}, "
                         f"but {info.name} as the flags give it uses mean {list(info.mean)} and std {list(info.std)}")
     if ckpt['architecture'] not in list_models():
-        raise UserError(f"--soft-labels: {path} holds an unknown architecture {ckpt['architecture']!r}")
+        raise UserError(f"{flag}: {path} holds an unknown architecture {ckpt['architecture']!r}")
     model = create_model(ckpt['architecture'], info.num_classes, info.channels, info.img_size,
                          stem=stored.get('resnet_stem', info.resnet_stem))
     load_state(model, ckpt['state_dict'], path, 'teacher')
