@@ -161,6 +161,10 @@ def train(r, pool):
             if r.epoch_iteration == 0 or pool.model is None:
                 pool.build(distributed.broadcast_object(random.choice(args.pool)))  # rank 0's draw
                 print(f"epoch {r.epoch + 1}: pool model {pool.name}")
+                # on the loss curves' axis (iterations): a jump in Loss/match reads against the model drawn
+                r.runlog.scalars({'Pool/model_index': args.pool.index(pool.name)}, r.iteration)
+                r.runlog.text('Pool/model', f'epoch {r.epoch + 1}: {pool.name} (index {args.pool.index(pool.name)} '
+                              f'of --pool {" ".join(args.pool)})', r.iteration)
             bar = r.runlog.progress(r.epoch_batches(), total=len(r.train_stream) - r.epoch_iteration,
                                     desc=f'epoch {r.epoch + 1}/{args.epochs} ({pool.name})')
             for images, labels in bar:

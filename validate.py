@@ -261,13 +261,14 @@ def run_evaluation(args, info, train_split, test_split, device, ctx, G=None, che
             results = []
             for k, seed in enumerate(seeds):
                 seed_everything(seed)
+                board = f'{name}/seed{seed}'  # the tag prefix of this classifier's tensorboard curves
                 if protocol == 'onthefly':
                     r = train_on_generator(G, name, info, test_split, args, device, ctx, extra_iteration=False,
-                                           runlog=runlog, val_split=val_split, teacher=teacher_model)
+                                           runlog=runlog, val_split=val_split, teacher=teacher_model, board=board)
                     r.pop('seconds')
                 else:
                     model, r = train_on_set(name, *train_sets[k], info, test_split, args, device, ctx, runlog,
-                                            val_split, teacher_model)
+                                            val_split, teacher_model, board)
                     if save_to and k == 0:
                         r['state_dict'] = model.state_dict()
                 results.append({'seed': seed, **r})

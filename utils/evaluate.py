@@ -29,12 +29,14 @@ def build_classifier(name, info, device, fast=None):
     return fast.prepare(model) if fast is not None else model.to(device)
 
 
-def classifier_step(model, opt, images, labels, ctx, scaler, mix=None, teacher=None, temperature=None):
+def classifier_step(model, opt, images, labels, ctx, scaler, mix=None, teacher=None, temperature=None,
+                    totals=None):
     """One SGD step on cross-entropy; `mix` = (labels_b, lam) from CutMix: lam * CE(labels) +
     (1 - lam) * CE(labels_b), in float32 at least (float64 under a float64 default dtype). With a
     `teacher` (--soft-labels) the batch is labelled by the teacher instead, as it is (augmented and
-    mixed): the loss is soft_label_loss at `temperature`, and `labels` and `mix` are not used. Returns
-    the loss as a device tensor."""
+    mixed): the loss is soft_label_loss at `temperature`, and `labels` and `mix` are not used. `totals`
+    (a device tensor [2]) gets the batch's summed loss and its hits on `labels` added, without a host
+    sync (the training curves). Returns the loss as a device tensor."""
     with ctx:
         logits = model(images)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -51,6 +53,9 @@ def classifier_step(model, opt, images, labels, ctx, scaler, mix=None, teacher=N
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
+    if totals is not None:
+        totals[0] += loss.detach() * len(labels)
+        totals[1] += (logits.detach().argmax(-1) == labels).sum()
     return loss.detach()
 
 
@@ -175,13 +180,20 @@ class PeriodicTests:
     """The test record of K classifiers trained side by side (K = 1 on the fly), tested every
     --test-interval epochs and after the last: the final accuracies, the best ones (selected on the
     test set, as the paper reports), each model's curve, and with held-out images (--val-per-class)
-    each model's Selection."""
+    each model's Selection.
 
-    def __init__(self, K, args, held_out=False):
+    With `board` = (runlog, [K tag prefixes], hard) every test also goes to tensorboard at its epoch
+    (counted from 1): `<prefix>/test_top1`, `test_top5`, `val_top1`, and the epochs since the last test
+    from `training` (the loop appends (epoch, device tensor [K, 2] of summed loss and hits, images, lr)
+    each epoch): `train_loss`, `train_top1` (hard labels only), `lr`; read once per test, so training
+    adds no host sync."""
+
+    def __init__(self, K, args, held_out=False, board=None):
         self.interval, self.epochs = args.test_interval, args.epochs_eval
         self.final1 = self.final5 = self.best1 = self.best5 = [0.0] * K
         self.curves = [[] for _ in range(K)]
         self.selections = [Selection() for _ in range(K)] if held_out else None
+        self.board, self.training = board, []
 
     def due(self, epoch):
         """Whether epoch `epoch` (from 0) ends with a test."""
@@ -196,6 +208,19 @@ class PeriodicTests:
             self.curves[k].append([epoch + 1, acc])
             if self.selections is not None:
                 self.selections[k].update(epoch + 1, val_top1[k], acc)
+        if self.board is None:
+            return
+        runlog, prefixes, hard = self.board
+        sums = torch.stack([t for _, t, _, _ in self.training]).tolist() if self.training else []
+        for (e, _, n, lr), per_model in zip(self.training, sums):
+            for prefix, (loss, hits) in zip(prefixes, per_model):
+                runlog.scalars({f'{prefix}/train_loss': loss / n, f'{prefix}/lr': lr,
+                                **({f'{prefix}/train_top1': 100.0 * hits / n} if hard else {})}, e + 1)
+        self.training.clear()
+        for k, prefix in enumerate(prefixes):
+            runlog.scalars({f'{prefix}/test_top1': top1[k], f'{prefix}/test_top5': top5[k],
+                            **({f'{prefix}/val_top1': val_top1[k]} if self.selections is not None else {})},
+                           epoch + 1)
 
     def result(self, k):
         return {'top1': self.final1[k], 'top5': self.final5[k], 'best_top1': self.best1[k],
@@ -204,12 +229,13 @@ class PeriodicTests:
 
 
 def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra_iteration, runlog=None,
-                       stop=None, val_split=None, teacher=None):
+                       stop=None, val_split=None, teacher=None, board=None):
     """Train one fresh classifier on generated images for --epochs-eval epochs; test every
     --test-interval epochs and at the end. Returns accuracies: the final one, and the best over the
     periodic tests (the paper's number: selected on the test set); with `val_split` (held-out real
     images) also the test accuracy at the test that scored best on them. With a `teacher`
-    (--soft-labels) each fresh batch is labelled by it at --temperature (classifier_step)."""
+    (--soft-labels) each fresh batch is labelled by it at --temperature (classifier_step). `board`: the
+    tag prefix of this classifier's tensorboard curves (PeriodicTests; None: no curves)."""
     G_was_training = G.training
     G.eval()  # BatchNorm running statistics, as the reference validates
     fast = FastPath.from_args(args, device)
@@ -219,17 +245,21 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
     net, scaler = fast.compiled(model), fast.scaler()
     augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
     iters = iterations_per_epoch(info.num_classes, args.ipc, args.batch_size, extra_iteration)
-    tests = PeriodicTests(1, args, held_out=val_split is not None)
+    tests = PeriodicTests(1, args, held_out=val_split is not None,
+                          board=(runlog, [board], teacher is None) if board and runlog else None)
     start = time.time()
     bar = runlog.progress(range(args.epochs_eval), desc=f'eval {model_name}') if runlog else range(args.epochs_eval)
     for epoch in bar:
         if stop is not None and stop():
             raise Interrupted
         model.train()
+        totals = torch.zeros(1, 2, device=device)  # the epoch's summed loss and hits, read at the next test
         for _ in range(iters):
             images, labels = generated_batch(G_net, args.batch_size, info, augment, device)
             images, labels, mix = maybe_cutmix(images, labels, args)
-            classifier_step(net, opt, images, labels, ctx, scaler, mix, teacher, getattr(args, 'temperature', None))
+            classifier_step(net, opt, images, labels, ctx, scaler, mix, teacher, getattr(args, 'temperature', None),
+                            totals[0])
+        tests.training.append((epoch, totals, iters * args.batch_size, opt.param_groups[0]['lr']))
         if tests.due(epoch):
             top1, top5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
             val1 = (test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
@@ -244,7 +274,7 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
 
 
 def train_on_set(model_name, images, labels, info, test_split, args, device, ctx, runlog=None, val_split=None,
-                 teacher=None):
+                 teacher=None, board=None):
     """Train one fresh classifier on the fixed set (images, labels) -- validate.py's --protocol fixed
     and its baselines -- and test it on the real test set (and on `val_split`, held-out real images,
     when given). Generated images come float32 and normalised, real ones uint8, normalised per batch
@@ -257,13 +287,15 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
     --temperature instead (classifier_step). Tests every --test-interval epochs and after the last.
     Every random draw (initialisation, order, augmentation, CutMix) comes from the global RNGs: the
     caller seeds them; the teacher draws none, so a soft run sees the batches its hard run sees.
-    Returns the trained model and its test record (PeriodicTests.result).
+    `board`: the tag prefix of the tensorboard curves (PeriodicTests; None: none). Returns the trained
+    model and its test record (PeriodicTests.result).
     """
     model = build_classifier(model_name, info, device)
     opt = classifier_optimizer(model.parameters(), args)
     scaler = make_scaler(getattr(args, 'amp', 'off'), device)
     augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
-    tests = PeriodicTests(1, args, held_out=val_split is not None)
+    tests = PeriodicTests(1, args, held_out=val_split is not None,
+                          board=(runlog, [board], teacher is None) if board and runlog else None)
     n, B, epochs = len(labels), args.batch_size, args.epochs_eval
     bar = runlog.progress(range(epochs), desc=f'{model_name}') if runlog is not None else range(epochs)
     model.train()
@@ -271,13 +303,16 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
         for group in opt.param_groups:
             group['lr'] = args.eval_lr if epoch < (epochs + 1) // 2 else args.eval_lr * 0.1
         order = torch.randperm(n)
+        totals = torch.zeros(1, 2, device=device)  # the epoch's summed loss and hits, read at the next test
         for step in range(math.ceil(n / B)):
             idx = order[step * B:(step + 1) * B].to(images.device)
             x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
             if x.dtype == torch.uint8:
                 x = to_classifier_input(x, info)
             x, y, mix = maybe_cutmix(augment(x), y, args)
-            classifier_step(model, opt, x, y, ctx, scaler, mix, teacher, getattr(args, 'temperature', None))
+            classifier_step(model, opt, x, y, ctx, scaler, mix, teacher, getattr(args, 'temperature', None),
+                            totals[0])
+        tests.training.append((epoch, totals, n, opt.param_groups[0]['lr']))
         if tests.due(epoch):
             # top-1 and top-5 (%) computed in float32 on the device, as the fixed protocol's reports
             # always have (`test` rounds in float64)

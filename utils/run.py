@@ -76,11 +76,18 @@ class RunLog:
         self.show_progress = not args.no_progress and self._stdout.isatty()
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(self.logs_dir)
+        # the full arguments beside the curves (tensorboard's Text tab), as args.json has them; indented
+        # four spaces, tensorboard's markdown shows them verbatim
+        self.writer.add_text('args', '\n'.join(f'    {k}: {v}' for k, v in sorted(vars(args).items())), 0)
 
     def scalars(self, values, step, prefix=''):
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(prefix + name, float(value), step)
+
+    def text(self, name, text, step):
+        if self.writer is not None:
+            self.writer.add_text(name, text, step)
 
     def image(self, name, image, step):
         if self.writer is not None:

@@ -132,13 +132,13 @@ def can_stack(model_name, info, device, ctx):
 
 
 def group_loss(logits, labels_a, labels_b, lam):
-    """Sum over models of each model's mean (CutMix-weighted) cross-entropy. logits [K, B, classes],
-    labels [K, B], lam [K] (1 where no CutMix). A model's gradient is that of its own loss."""
+    """Each model's mean (CutMix-weighted) cross-entropy, [K]: logits [K, B, classes], labels [K, B], lam
+    [K] (1 where no CutMix). Their sum is what trains: a model's gradient is that of its own loss."""
     K, B = labels_a.shape
     flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)  # fp32 at least
     ce_a = F.cross_entropy(flat, labels_a.flatten(), reduction='none').view(K, B).mean(1)
     ce_b = F.cross_entropy(flat, labels_b.flatten(), reduction='none').view(K, B).mean(1)
-    return (lam * ce_a + (1 - lam) * ce_b).sum()
+    return lam * ce_a + (1 - lam) * ce_b
 
 
 @torch.no_grad()
@@ -178,7 +178,9 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
         opt = classifier_optimizer(group.parameters(), args)
         scaler = make_scaler(getattr(args, 'amp', 'off'), device)
         augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
-        tests = PeriodicTests(K, args, held_out=val_split is not None)
+        # each stacked model's curves under its own seed, as a lone run of that seed writes them
+        board = (runlog, [f'{model_name}/seed{seed}' for seed in seeds], teacher is None) if runlog is not None else None
+        tests = PeriodicTests(K, args, held_out=val_split is not None, board=board)
         bar = range(epochs)
         if runlog is not None:
             bar = runlog.progress(bar, desc=f'{model_name} x{K}')
@@ -190,6 +192,7 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
             for k in range(K):
                 with slots.use(k):
                     orders.append(torch.randperm(n))
+            totals = torch.zeros(K, 2, device=device)  # each model's summed loss and hits, read at the next test
             for step in range(math.ceil(n / B)):
                 xs, ya, yb, lam = [], [], [], []
                 for k, (images, labels) in enumerate(train_sets):
@@ -210,15 +213,19 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
                     logits = group.forward(batch)
                     # the teacher labels the K batches in one pass (eval mode: each image alone)
                     soft = teacher_logits(teacher, batch) if teacher is not None else None
+                labels_now = torch.stack(ya)
                 if soft is None:
-                    loss = group_loss(logits, torch.stack(ya), torch.stack(yb), torch.tensor(lam, device=device))
-                else:  # each model's own soft-label loss, summed: each gets the gradient of its own
-                    loss = soft_label_loss(logits.to(torch.promote_types(logits.dtype, torch.float32)), soft,
-                                           args.temperature).sum()
+                    losses = group_loss(logits, labels_now, torch.stack(yb), torch.tensor(lam, device=device))
+                else:  # each model's own soft-label loss: each gets the gradient of its own
+                    losses = soft_label_loss(logits.to(torch.promote_types(logits.dtype, torch.float32)), soft,
+                                             args.temperature)
                 opt.zero_grad(set_to_none=True)  # as utils/evaluate.classifier_step
-                scaler.scale(loss).backward()
+                scaler.scale(losses.sum()).backward()
                 scaler.step(opt)
                 scaler.update()
+                totals[:, 0] += losses.detach() * labels_now.shape[1]
+                totals[:, 1] += (logits.detach().argmax(-1) == labels_now).sum(-1)
+            tests.training.append((epoch, totals, n, opt.param_groups[0]['lr']))
             if tests.due(epoch):
                 top1, top5 = group_test(group, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
                 val1 = (group_test(group, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
