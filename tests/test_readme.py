@@ -180,3 +180,19 @@ def test_outputs_table_names_files_a_digits_run_writes(tmp_path):
             pattern = pattern.replace(placeholder, wildcard)
         assert '<' not in pattern, f'README Outputs: unknown placeholder in {name}'
         assert glob.glob(str(tmp_path / pattern)), f'README Outputs: a digits run writes no {name}'
+
+
+def test_results_figure_is_what_results_json_gives(tmp_path, monkeypatch):
+    """misc/results_figure.py draws figs/results.png from docs/results.json alone: redrawn now, it gives the
+    committed picture (compared as pixels: a font of another matplotlib may move a few)."""
+    import numpy as np
+    from PIL import Image
+    monkeypatch.syspath_prepend(ROOT)
+    from misc import results_figure
+    out = tmp_path / 'results.png'
+    results_figure.main(['--out', str(out)])
+    drawn, committed = (np.asarray(Image.open(p).convert('RGB'), dtype=np.float64)
+                        for p in (out, os.path.join(ROOT, 'figs', 'results.png')))
+    assert drawn.shape == committed.shape, 'run python misc/results_figure.py'
+    assert np.abs(drawn - committed).mean() < 1.0, 'run python misc/results_figure.py'
+
