@@ -14,6 +14,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 README = os.path.join(ROOT, 'README.md')
 BEGIN = '<!-- results table: begin (misc/readme_table.py writes this part from docs/results.json) -->'
@@ -36,8 +37,10 @@ def cell(records, **match):
 
 
 def build(results):
+    from misc.results import is_current
     records = [r for r in results['records']  # sets chosen by k-means (--select kmeans) are RESULTS.md's
-               if r['arch'] == ARCH and r['selection'] == SELECTION and hard_label(r) and r.get('select') != 'kmeans']
+               if r['arch'] == ARCH and r['selection'] == SELECTION and hard_label(r) and r.get('select') != 'kmeans'
+               and is_current(r)]
     groups = sorted({(r['dataset'], r['schedule']['name']) for r in records},
                     key=lambda g: (g[1] != 'paper', ORDER.index(g[0]) if g[0] in ORDER else len(ORDER), g[0]))
     lines = ['| dataset, schedule, DiM stages | ipc | DiM, fixed set | DiM, on the fly | random real subset '

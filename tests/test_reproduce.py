@@ -121,6 +121,23 @@ def test_collect_keeps_kmeans_rows_apart_in_a_table_of_their_own(reports, tmp_pa
     assert f'| DiM fixed set, random draw | {dim_mean:.1f} ±' in kmeans_part and '| DiM fixed set, k-means | – |' in kmeans_part
 
 
+def test_rows_of_outdated_code_stay_in_results_json_but_in_no_table(reports, tmp_path):
+    from misc.results import OUTDATED_COMMITS
+    root, made = reports
+    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
+    collect(str(root), str(out), str(md))
+    data = json.loads(out.read_text())
+    for r in data['records']:
+        if r['method'] == 'random':
+            r['commit'] = OUTDATED_COMMITS[0]
+    out.write_text(json.dumps(data))
+    collect(str(tmp_path / 'no-results'), str(out), str(md))
+    assert len(json.loads(out.read_text())['records']) == len(data['records'])  # kept, with their commit
+    text = md.read_text()
+    assert '| random real subset |' not in text.split('## Waiting for a rerun')[0]
+    assert 'digits convnet (cpu schedule)' in text.split('## Waiting for a rerun')[1]
+
+
 def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
     root, _ = reports
     out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
