@@ -121,33 +121,34 @@ def test_collect_keeps_kmeans_rows_apart_in_a_table_of_their_own(reports, tmp_pa
     assert f'| DiM fixed set, random draw | {dim_mean:.1f} ±' in kmeans_part and '| DiM fixed set, k-means | – |' in kmeans_part
 
 
-def test_rows_of_outdated_code_stay_in_results_json_but_in_no_table(reports, tmp_path):
-    from misc.results import OUTDATED_COMMITS
-    root, made = reports
+def _collect_edited(root, tmp_path, edit):
+    """Collect the reports, apply edit(record) to each record of results.json, and collect again without
+    the runs (the records are only kept); returns (records before, records after, RESULTS.md text)."""
     out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
     collect(str(root), str(out), str(md))
     data = json.loads(out.read_text())
-    for r in data['records']:
-        if r['method'] == 'random':
-            r['commit'] = OUTDATED_COMMITS[0]
+    for record in data['records']:
+        edit(record)
     out.write_text(json.dumps(data))
     collect(str(tmp_path / 'no-results'), str(out), str(md))
-    assert len(json.loads(out.read_text())['records']) == len(data['records'])  # kept, with their commit
-    text = md.read_text()
+    return data['records'], json.loads(out.read_text())['records'], md.read_text()
+
+
+def test_rows_of_outdated_code_stay_in_results_json_but_in_no_table(reports, tmp_path):
+    from misc.results import OUTDATED_COMMITS
+
+    def outdate(record):
+        if record['method'] == 'random':
+            record['commit'] = OUTDATED_COMMITS[0]
+    before, after, text = _collect_edited(reports[0], tmp_path, outdate)
+    assert len(after) == len(before)  # kept, with their commit
     assert '| random real subset |' not in text.split('## Waiting for a rerun')[0]
     assert 'digits convnet (cpu schedule)' in text.split('## Waiting for a rerun')[1]
 
 
 def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
-    root, _ = reports
-    out, md = tmp_path / 'results.json', tmp_path / 'RESULTS.md'
-    collect(str(root), str(out), str(md))
-    old = json.loads(out.read_text())
-    for record in old['records']:
-        del record['hardware']
-    out.write_text(json.dumps(old))
-    collect(str(tmp_path / 'no-results'), str(out), str(md))
-    assert {r['hardware'] for r in json.loads(out.read_text())['records']} == {None}
+    _, after, _ = _collect_edited(reports[0], tmp_path, lambda record: record.pop('hardware'))
+    assert {r['hardware'] for r in after} == {None}
 
 
 def test_compare_prints_reports_under_one_header(reports):
