@@ -11,9 +11,10 @@ same way on ipc real images per class / the whole training set. --num-eval K tra
 with seeds --seed, --seed + 1, ... (one after another; --stack trains a fixed-set architecture's K
 together) and reports mean and std. Results: results/<tag>/eval.json and a markdown table; both give
 the final top-1 and the best top-1 over the periodic tests (selected on the test set, as the paper
-reports it). --select kmeans keeps, per class, the images nearest the k-means centroids of many candidates
-in a classifier's features instead of a random draw. --soft-labels TEACHER trains on a teacher's labels of every augmented batch instead of the
-hard labels (a teacher: --baseline full --save-classifier PATH). See docs/EVALUATION.md.
+reports it). --select kmeans keeps, per class, the images nearest the k-means centroids of many
+candidates in a classifier's features instead of a random draw. --soft-labels TEACHER trains on a
+teacher's labels of every augmented batch instead of the hard labels (a teacher: --baseline full
+--save-classifier PATH). See docs/EVALUATION.md.
 
 The run, top-down: main() sets up; run_evaluation() holds the protocol: (1) hold out real images
 (--val-per-class), (2) draw the fixed training sets, (3) for every architecture and seed train a
@@ -392,7 +393,8 @@ def training_sets(args, method, G, info, train_split, set_seeds, device, feature
         if s in built:
             continue
         if method == 'dim':
-            draws = args.ipc * ((getattr(args, 'candidates', None) or DEFAULT_CANDIDATES) if features is not None else 1)
+            per_image = (getattr(args, 'candidates', None) or DEFAULT_CANDIDATES) if features is not None else 1
+            draws = args.ipc * per_image
             images, labels = draw_fixed_set(G, info, draws, s, device)
             if features is not None:
                 idx = kmeans_per_class(embed(features[0], images, info, device), labels.cpu(), info.num_classes,

@@ -179,7 +179,7 @@ def train_stacked(model_name, train_sets, info, test_split, args, device, ctx, s
         scaler = make_scaler(getattr(args, 'amp', 'off'), device)
         augment = DiffAug(args.aug_type, mixup_net=args.mixup_net)
         # each stacked model's curves under its own seed, as a lone run of that seed writes them
-        board = (runlog, [f'{model_name}/seed{seed}' for seed in seeds], teacher is None) if runlog is not None else None
+        board = None if runlog is None else (runlog, [f'{model_name}/seed{seed}' for seed in seeds], teacher is None)
         tests = PeriodicTests(K, args, held_out=val_split is not None, board=board)
         bar = range(epochs)
         if runlog is not None:
