@@ -223,10 +223,8 @@ def markdown(records, stage_times):
         lines.append('')
     if outdated:
         lines += ['## Waiting for a rerun', '',
-                  'Rows of code from before the augmentation followed the official code (kept in results.json, '
-                  'shown nowhere): ' + '; '.join(f'{d} {a} ({s} schedule)' for d, s, a in outdated)
-                  + '. `python misc/reproduce.py DATASET --data-dir DIR --resume` (with `--eval-model resnet18` '
-                  'for ResNet-18) reruns them.', '']
+                  'Rows from before the augmentation followed the official code (in results.json only): '
+                  + '; '.join(f'{d} {a} ({s})' for d, s, a in outdated) + '.', '']
     return '\n'.join(lines + kmeans_table(records)) + '\n'
 
 
@@ -248,9 +246,7 @@ def kmeans_table(records):
         return []
     last_stage = {(r['dataset'], r['schedule']['name']): r['stages'] for r in mine if r['stages'] == '1+2'}
     lines = ['## Stored sets: random draw against k-means', '',
-             "Per class, k-means (k = ipc) in the penultimate features of the full-set teacher, keeping the image "
-             "nearest each centroid (`validate.py --select kmeans`); DiM's candidates are 10 x ipc draws, real ones "
-             "every training image of the class. ConvNet-3, top-1 (%) at the epoch chosen on held-out images.", '',
+             "`validate.py --select kmeans` in the full-set teacher's features; ConvNet-3, held-out selection.", '',
              '| set | ' + ' | '.join(f'{d} ({s}), ipc {i}, {labels}' for d, s, i, labels in columns) + ' |',
              '|---|' + '---|' * len(columns)]
     for title, match in SET_KINDS:
@@ -272,8 +268,7 @@ def soft_table(mine, soft, ipcs, full):
             if any(all(r.get(k) == v for k, v in match.items()) for r in soft)]
     header = ['ipc'] + [f'{title}, {labels}' for title, _ in cols for labels in ('hard', 'soft')]
     header += ['full training set (hard)']
-    lines = ['', "Hard against soft labels (`validate.py --soft-labels`: a teacher trained on the full training set "
-             "labels every augmented batch):", '',
+    lines = ['', "Hard against soft labels (`validate.py --soft-labels`, a full-set teacher):", '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for ipc in ipcs:
         cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels=labels) for _, match in cols

@@ -143,7 +143,7 @@ def test_rows_of_outdated_code_stay_in_results_json_but_in_no_table(reports, tmp
     before, after, text = _collect_edited(reports[0], tmp_path, outdate)
     assert len(after) == len(before)  # kept, with their commit
     assert '| random real subset |' not in text.split('## Waiting for a rerun')[0]
-    assert 'digits convnet (cpu schedule)' in text.split('## Waiting for a rerun')[1]
+    assert 'digits convnet (cpu)' in text.split('## Waiting for a rerun')[1]
 
 
 def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
