@@ -253,13 +253,15 @@ def train_on_generator(G, model_name, info, test_split, args, device, ctx, extra
         if stop is not None and stop():
             raise Interrupted
         model.train()
-        totals = torch.zeros(1, 2, device=device)  # the epoch's summed loss and hits, read at the next test
+        # the epoch's summed loss and hits, read at the next test; kept only for tensorboard curves
+        totals = torch.zeros(1, 2, device=device) if tests.board else None
         for _ in range(iters):
             images, labels = generated_batch(G_net, args.batch_size, info, augment, device)
             images, labels, mix = maybe_cutmix(images, labels, args)
             classifier_step(net, opt, images, labels, ctx, scaler, mix, teacher, getattr(args, 'temperature', None),
-                            totals[0])
-        tests.training.append((epoch, totals, iters * args.batch_size, opt.param_groups[0]['lr']))
+                            None if totals is None else totals[0])
+        if totals is not None:
+            tests.training.append((epoch, totals, iters * args.batch_size, opt.param_groups[0]['lr']))
         if tests.due(epoch):
             top1, top5 = test(model, test_split, info, device, ctx, args.test_bn, test_batch_size(args))
             val1 = (test(model, val_split, info, device, ctx, args.test_bn, test_batch_size(args))[0]
@@ -303,7 +305,8 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
         for group in opt.param_groups:
             group['lr'] = args.eval_lr if epoch < (epochs + 1) // 2 else args.eval_lr * 0.1
         order = torch.randperm(n)
-        totals = torch.zeros(1, 2, device=device)  # the epoch's summed loss and hits, read at the next test
+        # the epoch's summed loss and hits, read at the next test; kept only for tensorboard curves
+        totals = torch.zeros(1, 2, device=device) if tests.board else None
         for step in range(math.ceil(n / B)):
             idx = order[step * B:(step + 1) * B].to(images.device)
             x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
@@ -311,8 +314,9 @@ def train_on_set(model_name, images, labels, info, test_split, args, device, ctx
                 x = to_classifier_input(x, info)
             x, y, mix = maybe_cutmix(augment(x), y, args)
             classifier_step(model, opt, x, y, ctx, scaler, mix, teacher, getattr(args, 'temperature', None),
-                            totals[0])
-        tests.training.append((epoch, totals, n, opt.param_groups[0]['lr']))
+                            None if totals is None else totals[0])
+        if totals is not None:
+            tests.training.append((epoch, totals, n, opt.param_groups[0]['lr']))
         if tests.due(epoch):
             # top-1 and top-5 (%) computed in float32 on the device, as the fixed protocol's reports
             # always have (`test` rounds in float64)
