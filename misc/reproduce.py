@@ -25,7 +25,8 @@ chosen by k-means in the teacher's features (validate.py --select kmeans), tags 
 --labels soft (or --labels hard soft) adds rows trained on a teacher's soft labels (validate.py
 --soft-labels): first the teacher (the full row's first classifier, kept with --save-classifier; when the
 full row ran without keeping one, a one-seed row of its own, tag `teacher`), then, at each ipc, the soft
-twin of every hard row but the full one (tags ending in -soft), at the default temperature.
+twin of every hard row but the full one (tags ending in -soft), at the default temperature. --teacher PATH
+takes a classifier file kept by another run instead (for example the cpu schedule's, for cpu-3x).
 """
 import argparse
 import glob
@@ -85,6 +86,7 @@ class Reproduction:
         self.labels = tuple(getattr(args, 'labels', None) or ('hard',))
         self.selects = tuple(getattr(args, 'select', None) or ('random',))
         self.only = getattr(args, 'only', None)
+        self.given_teacher = getattr(args, 'teacher', None)
 
     def started(self):
         """Whether an earlier run of this reproduction left anything under results/."""
@@ -206,7 +208,9 @@ class Reproduction:
             generators['1+2'] = self.stage2(generators['1'])
         # each set of labels asked for: (tag suffix, extra validate.py flags); the teacher comes first
         labels = [('', [])] if 'hard' in self.labels else []
-        teacher = self.teacher() if 'soft' in self.labels or 'kmeans' in self.selects else None
+        teacher = None
+        if 'soft' in self.labels or 'kmeans' in self.selects:
+            teacher = self.given_teacher or self.teacher()
         if 'soft' in self.labels:
             labels.append((SOFT_SUFFIX, ['--soft-labels', teacher]))
         # --select kmeans clusters in the teacher's features (the full-set classifier)
@@ -250,6 +254,10 @@ def get_parser():
                    help="random: the fixed sets and the real subsets drawn at random; kmeans: the same rows with "
                         "their sets chosen by k-means in the teacher's features (validate.py --select kmeans), tags "
                         "ending in -kmeans; the teacher is trained first if no row kept one")
+    p.add_argument('--teacher', default=None, metavar='PATH',
+                   help="a classifier file (validate.py --save-classifier) to use as the teacher of --labels soft and "
+                        "--select kmeans instead of training one, e.g. the cpu schedule's "
+                        "results/repro-mnist-cpu-full/teacher.pth for cpu-3x, whose full row is the same")
     p.add_argument('--resume', action='store_true',
                    help='continue the earlier run of this reproduction (also to add rows or models to it): '
                         'finished steps are skipped, a stopped stage continues where it stopped')
@@ -269,6 +277,8 @@ def main():
         unknown = [r for r in args.rows if r not in known]
         if unknown:
             raise SystemExit(f"error: --rows {' '.join(unknown)}: this schedule's rows are {', '.join(known)}")
+    if args.teacher and not os.path.isfile(args.teacher):
+        raise SystemExit(f"error: --teacher {args.teacher}: no such file (validate.py --save-classifier writes one)")
     if args.dataset in IMAGE_FOLDERS and not args.data_dir and not args.collect:
         raise SystemExit(f"error: {args.dataset} needs --data-dir: {IMAGE_FOLDERS[args.dataset]}")
     if not args.collect:

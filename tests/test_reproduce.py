@@ -402,6 +402,29 @@ def test_reproduce_cpu_3x_schedule_is_mnist_with_three_times_stage_1(tmp_path, m
         reproduce.schedule_for('digits', 'cpu-3x')
 
 
+def test_reproduce_teacher_flag_takes_another_runs_classifier_and_trains_none(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_5.pth')
+    teacher = tmp_path / 'results' / 'repro-mnist-cpu-full' / 'teacher.pth'
+    monkeypatch.setattr('misc.results.collect', lambda *paths: None)
+    argv = ['reproduce.py', 'mnist', '--data-dir', 'data', '--device', 'cpu', '--schedule', 'cpu-3x', '--rows', '1',
+            '--select', 'random', 'kmeans', '--labels', 'hard', 'soft', '--teacher', str(teacher)]
+    monkeypatch.setattr(sys, 'argv', argv)
+    with pytest.raises(SystemExit, match='--teacher .*teacher.pth: no such file'):
+        reproduce.main()
+    assert calls == []
+    teacher.parent.mkdir(parents=True)
+    teacher.write_text('')
+    reproduce.main()
+    tags = _tags(calls)
+    assert 'repro-mnist-cpu-3x-full' not in tags and 'repro-mnist-cpu-3x-teacher' not in tags
+    for _, flags in calls[1:]:
+        if '--select' in flags:
+            assert flags[flags.index('--select-features') + 1] == str(teacher)
+        if '--soft-labels' in flags:
+            assert flags[flags.index('--soft-labels') + 1] == str(teacher)
+    assert sum('--select' in f for _, f in calls) == 4 and sum('--soft-labels' in f for _, f in calls) == 5
+
+
 def test_reproduce_labels_soft_resume_adds_a_teacher_row_to_a_finished_run(tmp_path, monkeypatch):
     """The published runs' full rows kept no classifier: --labels soft --resume trains a teacher row of its
     own (one seed, the full row's recipe), then only the soft rows; a second call runs nothing."""
