@@ -189,7 +189,9 @@ class Reproduction:
     def teacher(self):
         """The soft rows' teacher file, trained first if need be: the full row keeps its first classifier
         (--save-classifier) when it has yet to run; a full row that ran without keeping one gets a teacher
-        row of its own (one seed, the full row's recipe)."""
+        row of its own (one seed, the full row's recipe). A schedule with teacher_epochs trains its own."""
+        if self.s.get('teacher_epochs'):
+            return self.teacher_chosen_on_held_out(self.s['teacher_epochs'])
         kept = self.path('full' + self.model_suffix, TEACHER_FILE)
         if os.path.exists(kept) or not os.path.exists(self.path('full' + self.model_suffix, 'eval.json')):
             self.evaluate('eval full', 'full', self.full_flags() + ['--save-classifier', kept])
@@ -199,6 +201,26 @@ class Reproduction:
         self.evaluate(f'eval {TEACHER_TAG}', TEACHER_TAG,
                       self.full_flags() + ['--num-eval', 1, '--save-classifier', own])
         return own
+
+    def teacher_chosen_on_held_out(self, candidates):
+        """A teacher longer trained than the full row: one seed of the full-set recipe per candidate number
+        of epochs (tags teacher-e<E>), each tested once, after its last epoch; the one whose top-1 on the
+        held-out real training images is highest teaches (the fewest epochs on a tie). Never chosen on
+        the test set."""
+        held_out, files = {}, {}
+        for epochs in candidates:
+            tag = f'{TEACHER_TAG}-e{epochs}'
+            files[epochs] = self.path(tag + self.model_suffix, TEACHER_FILE)
+            # the flags given last count: one seed, the candidate's epochs, one test at the end
+            self.evaluate(f'eval {tag}', tag, self.full_flags() + ['--num-eval', 1, '--epochs-eval', epochs,
+                                                                   '--test-interval', epochs,
+                                                                   '--save-classifier', files[epochs]])
+            with open(self.path(tag + self.model_suffix, 'eval.json')) as f:
+                held_out[epochs] = json.load(f)['rows'][0]['val_top1'][0]
+        chosen = max(candidates, key=lambda e: (held_out[e], -e))
+        print(f"teacher: {chosen} epochs (held-out top-1 "
+              f"{', '.join(f'{e} epochs {acc:.2f}' for e, acc in held_out.items())})", flush=True)
+        return files[chosen]
 
     def all(self):
         print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")

@@ -17,7 +17,10 @@ SCHEDULES = {
                       stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
         'cifar10-jpeg': dict(width=32, stage1=dict(epochs=3, lr=5e-4, batch_size=128), stage2=None,
                              eval=dict(epochs_eval=100, test_interval=50, num_eval=3, val_per_class=10),
-                             stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1),
+                             stage_eval_ipc=10, ipcs=(1, 10, 50), eval_models=('convnet',), full_epochs=1,
+                             # the one-epoch full row (59%) is too weak to teach soft labels: reproduce.py
+                             # trains a teacher of each length and keeps the best on held-out images
+                             teacher_epochs=(2, 4, 8)),
     },
 }
 
@@ -41,7 +44,9 @@ def schedule_for(dataset, name):
     return SCHEDULES[name][dataset]
 
 
-# misc/reproduce.py --labels soft: the teacher is the full row's first classifier, kept by validate.py
+# misc/reproduce.py --labels soft: a schedule with `teacher_epochs` (candidate epoch counts) trains a teacher of
+# each length on the full training set and keeps the best on held-out images (reproduce.py's
+# teacher_chosen_on_held_out); otherwise the teacher is the full row's first classifier, kept by validate.py
 # --save-classifier as TEACHER_FILE in that row's folder; when the full row ran without keeping one, a
 # row of its own (tag TEACHER_TAG, one seed) trains it, which misc/results.py does not list as a result.
 # Soft rows carry SOFT_SUFFIX in their tags.

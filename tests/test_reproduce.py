@@ -425,6 +425,36 @@ def test_reproduce_teacher_flag_takes_another_runs_classifier_and_trains_none(tm
     assert sum('--select' in f for _, f in calls) == 4 and sum('--soft-labels' in f for _, f in calls) == 5
 
 
+def test_reproduce_teacher_epochs_trains_each_candidate_and_keeps_the_best_on_held_out_images(tmp_path, monkeypatch):
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_2.pth')
+    recorded = reproduce.run
+    held_out = {'2': 60.0, '4': 65.0, '8': 65.0}  # a tie: the fewer epochs teach
+
+    def run_with_scores(script, *flags, log):
+        seconds = recorded(script, *flags, log=log)
+        flags = [str(f) for f in flags]
+        tag = flags[flags.index('--tag') + 1]
+        if '-teacher-e' in tag:
+            epochs = [flags[i + 1] for i, f in enumerate(flags) if f == '--epochs-eval'][-1]
+            (tmp_path / 'results' / tag / 'eval.json').write_text(json.dumps({'rows': [{'val_top1': [held_out[epochs]]}]}))
+        return seconds
+    monkeypatch.setattr(reproduce, 'run', run_with_scores)
+    args = Namespace(dataset='cifar10-jpeg', schedule='cpu', data_dir='jpeg', device='cpu', rows=['1', 'full'],
+                     eval_model=None, labels=['hard', 'soft'])
+    reproduce.Reproduction(args).all()
+    tags = [t[len('repro-cifar10-jpeg-cpu-'):] for t in _tags(calls)]
+    assert tags[:4] == ['s1', 'teacher-e2', 'teacher-e4', 'teacher-e8']
+    for epochs, (_, flags) in zip(('2', '4', '8'), calls[1:4]):
+        last = {f: flags[i + 1] for i, f in enumerate(flags) if f in ('--epochs-eval', '--test-interval', '--num-eval')}
+        assert last == {'--epochs-eval': epochs, '--test-interval': epochs, '--num-eval': '1'}
+        assert flags[flags.index('--baseline') + 1] == 'full' and '--val-per-class' in flags
+    chosen = str(tmp_path / 'results' / 'repro-cifar10-jpeg-cpu-teacher-e4' / 'teacher.pth')
+    soft = [f for _, f in calls if '--soft-labels' in f]
+    assert len(soft) == 3 and all(f[f.index('--soft-labels') + 1] == chosen for f in soft)
+    full = calls[tags.index('full')][1]
+    assert '--save-classifier' not in full  # the full row is the schedule's one-epoch row, not the teacher
+
+
 def test_reproduce_labels_soft_resume_adds_a_teacher_row_to_a_finished_run(tmp_path, monkeypatch):
     """The published runs' full rows kept no classifier: --labels soft --resume trains a teacher row of its
     own (one seed, the full row's recipe), then only the soft rows; a second call runs nothing."""
