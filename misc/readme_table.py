@@ -37,10 +37,10 @@ def cell(records, **match):
 
 
 def build(results):
-    from misc.results import is_current
-    records = [r for r in results['records']  # sets chosen by k-means (--select kmeans) are RESULTS.md's
+    from misc.results import is_current, stands_alone
+    records = [r for r in results['records']  # k-means sets (--select kmeans) and cpu-3x are RESULTS.md's
                if r['arch'] == ARCH and r['selection'] == SELECTION and hard_label(r) and r.get('select') != 'kmeans'
-               and is_current(r)]
+               and is_current(r) and stands_alone(r)]
     groups = sorted({(r['dataset'], r['schedule']['name']) for r in records},
                     key=lambda g: (g[1] != 'paper', ORDER.index(g[0]) if g[0] in ORDER else len(ORDER), g[0]))
     lines = ['| dataset, schedule, DiM stages | ipc | DiM, fixed set | DiM, on the fly | random real subset '

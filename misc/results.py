@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from misc.schedules import TEACHER_TAG, schedule_for  # noqa: E402
+from misc.schedules import TEACHER_TAG, beside, schedule_for  # noqa: E402
 
 from misc.schedules import SCHEDULES  # noqa: E402
 
@@ -109,6 +109,11 @@ def is_current(record):
     return record.get('commit') not in OUTDATED_COMMITS
 
 
+def stands_alone(record):
+    """Whether a record's schedule has tables of its own, not a variant read beside another (cpu-3x)."""
+    return beside(record['dataset'], record['schedule']['name']) is None
+
+
 def with_defaults(record):
     """A record with the fields that records from before soft labels and --select lack."""
     return {**BEFORE_SOFT_LABELS, **record, 'select': select_of(record)}
@@ -189,7 +194,7 @@ def markdown(records, stage_times):
     lines = []
     outdated = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records if not is_current(r)})
     records = [r for r in records if is_current(r)]
-    keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records})
+    keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records if stands_alone(r)})
     for dataset, schedule, arch in keys:
         mine = [with_defaults(r) for r in records if r['dataset'] == dataset and r['schedule']['name'] == schedule
                 and r['arch'] == arch and r['selection'] == 'held-out' and select_of(r) != 'kmeans']
@@ -225,7 +230,7 @@ def markdown(records, stage_times):
         lines += ['## Waiting for a rerun', '',
                   'Rows from before the augmentation followed the official code (in results.json only): '
                   + '; '.join(f'{d} {a} ({s})' for d, s, a in outdated) + '.', '']
-    return '\n'.join(lines + kmeans_table(records)) + '\n'
+    return '\n'.join(lines + kmeans_table(records) + variant_tables(records, stage_times)) + '\n'
 
 
 # the rows of the k-means table: heading, and what a record of it matches (DiM: the dataset's last stage)
@@ -237,28 +242,68 @@ SET_KINDS = [('DiM fixed set, random draw', dict(method='dim', protocol='fixed',
 
 def kmeans_table(records):
     """Lines of the table of stored sets chosen at random against by k-means (validate.py --select): one
-    row per set kind, one column per dataset, schedule, ipc and labels that has a k-means row (ConvNet-3,
+    column per set kind, one row per dataset, schedule, ipc and labels that has a k-means row (ConvNet-3,
     held-out selection); empty when no k-means row exists."""
-    mine = [with_defaults(r) for r in records if r['arch'] == 'convnet' and r['selection'] == 'held-out']
-    columns = sorted({(r['dataset'], r['schedule']['name'], r['ipc'], r['labels']) for r in mine
-                      if r['select'] == 'kmeans'})
-    if not columns:
+    mine = [with_defaults(r) for r in records
+            if r['arch'] == 'convnet' and r['selection'] == 'held-out' and stands_alone(r)]
+    rows = sorted({(r['dataset'], r['schedule']['name'], r['ipc'], r['labels']) for r in mine
+                   if r['select'] == 'kmeans'})
+    if not rows:
         return []
     last_stage = {(r['dataset'], r['schedule']['name']): r['stages'] for r in mine if r['stages'] == '1+2'}
     lines = ['## Stored sets: random draw against k-means', '',
              "`validate.py --select kmeans` in the full-set teacher's features; ConvNet-3, held-out selection.", '',
-             '| set | ' + ' | '.join(f'{d} ({s}), ipc {i}, {labels}' for d, s, i, labels in columns) + ' |',
-             '|---|' + '---|' * len(columns)]
-    for title, match in SET_KINDS:
+             '| dataset (schedule) | ipc | labels | ' + ' | '.join(title for title, _ in SET_KINDS) + ' |',
+             '|---|---|---|' + '---|' * len(SET_KINDS)]
+    for dataset, schedule, ipc, labels in rows:
         cells = []
-        for dataset, schedule, ipc, labels in columns:
+        for title, match in SET_KINDS:
             stages = last_stage.get((dataset, schedule), '1') if match['method'] == 'dim' else None
-            hits = [r for r in mine if r['dataset'] == dataset and r['schedule']['name'] == schedule
-                    and r['ipc'] == ipc and r['labels'] == labels and r['stages'] == stages
-                    and all(r.get(k) == v for k, v in match.items())]
-            cells.append(f"{hits[0]['mean']:.1f} ± {hits[0]['std']:.1f}" if hits else '–')
-        lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
+            cells.append(_cell([r for r in mine if r['dataset'] == dataset and r['schedule']['name'] == schedule
+                                and r['stages'] == stages], **match, ipc=ipc, labels=labels))
+        lines.append(f'| {dataset} ({schedule}) | {ipc} | {labels} | ' + ' | '.join(cells) + ' |')
     return lines + ['']
+
+
+# the rows of a variant schedule's table: heading, what a record of it matches, and whether it is read from
+# the base schedule in both columns (a real subset has no generator in it)
+VARIANT_ROWS = [('DiM, on the fly', dict(method='dim', protocol='onthefly'), False),
+                ('DiM fixed set, random draw', dict(method='dim', protocol='fixed', select='random'), False),
+                ('DiM fixed set, k-means', dict(method='dim', protocol='fixed', select='kmeans'), False),
+                ('random real subset (the same in both)', dict(method='random', select='random'), True),
+                ('k-means real subset (the same in both)', dict(method='random', select='kmeans'), True)]
+
+
+def variant_tables(records, stage_times):
+    """Lines of a table per variant schedule (cpu-3x) and dataset: its DiM rows beside those of the
+    schedule it varies, at each ipc of the variant (ConvNet-3, hard labels, held-out selection, DiM's last
+    stage), and the stage wall times."""
+    mine = [with_defaults(r) for r in records
+            if r['arch'] == 'convnet' and r['selection'] == 'held-out' and r['labels'] == 'hard']
+    lines = []
+    for dataset, variant in sorted({(r['dataset'], r['schedule']['name']) for r in mine if not stands_alone(r)}):
+        base = beside(dataset, variant)
+        ipcs = sorted({r['ipc'] for r in mine if r['dataset'] == dataset and r['schedule']['name'] == variant
+                       and r['ipc'] is not None})
+        columns = [(schedule, ipc) for ipc in ipcs for schedule in (base, variant)]
+        epochs = {s: schedule_for(dataset, s)['stage1']['epochs'] for s in (base, variant)}
+        lines += [f'## More compute: {dataset}, schedule {variant} beside {base}', '',
+                  f"Stage 1 for {epochs[variant]} epochs ({variant}) against {epochs[base]} ({base}); ConvNet-3, "
+                  f"hard labels, held-out selection; k-means in the {base} schedule's teacher's features.", '',
+                  '| set | ' + ' | '.join(f'{s}, ipc {i}' for s, i in columns) + ' |', '|---|' + '---|' * len(columns)]
+        for title, match, from_base in VARIANT_ROWS:
+            cells = []
+            for schedule, ipc in columns:
+                source = base if from_base else schedule
+                stages = ('1+2' if schedule_for(dataset, source).get('stage2') else '1') if match['method'] == 'dim' else None
+                cells.append(_cell([r for r in mine if r['dataset'] == dataset and r['schedule']['name'] == source
+                                    and r['stages'] == stages], **match, ipc=ipc))
+            lines.append(f'| {title} | ' + ' | '.join(cells) + ' |')
+        times = {s: stage_times.get(f'{dataset}/{s}', {}).get('stage1') for s in (base, variant)}
+        if all(times.values()):
+            lines += ['', 'Stage 1 wall time: ' + ', '.join(f'{s} {t / 60:.1f} min' for s, t in times.items()) + '.']
+        lines.append('')
+    return lines
 
 
 def soft_table(mine, soft, ipcs, full):

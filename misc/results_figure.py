@@ -8,7 +8,7 @@ ConvNet-3, the epoch chosen on held-out real training images; DiM fixed set, DiM
 real subset against ipc (log axis), the full training set as a horizontal line; hard labels solid, a
 teacher's soft labels dashed; the mean over the seeds with a band of ± one standard deviation. DiM is the
 dataset's last stage (stages 1+2 where stage 2 ran). Sets chosen by k-means (RESULTS.md has their table)
-and rows of outdated code (misc/results.py, OUTDATED_COMMITS) are left out.
+rows of outdated code (misc/results.py, OUTDATED_COMMITS) and variant schedules (cpu-3x) are left out.
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from misc.readme_table import ORDER  # noqa: E402
-from misc.results import is_current  # noqa: E402
+from misc.results import is_current, stands_alone  # noqa: E402
 
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 FIGURE = os.path.join(ROOT, 'figs', 'results.png')
@@ -35,7 +35,7 @@ def panels(records):
     """{(dataset, schedule): its records}, ConvNet-3, held-out selection, sets drawn at random, in the
     README table's dataset order."""
     mine = [r for r in records if r['arch'] == ARCH and r['selection'] == SELECTION
-            and r.get('select') in (None, 'random') and is_current(r)]
+            and r.get('select') in (None, 'random') and is_current(r) and stands_alone(r)]
     keys = sorted({(r['dataset'], r['schedule']['name']) for r in mine},
                   key=lambda k: (k[1] != 'paper', ORDER.index(k[0]) if k[0] in ORDER else len(ORDER), k))
     return {k: [r for r in mine if (r['dataset'], r['schedule']['name']) == k] for k in keys}

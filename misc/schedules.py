@@ -26,11 +26,18 @@ SCHEDULES = {
 
 
 # `cpu-3x`: one point of more compute, MNIST's cpu schedule with three times stage 1's epochs (6 instead of 2;
-# RESULTS.md once found 6 closing most of MNIST's ipc-10 gap to random real images), evaluated at ipc 1 and 10
+# RESULTS.md once found 6 closing most of MNIST's ipc-10 gap to random real images), evaluated at ipc 1 and 10.
+# `beside`: its DiM rows are read beside those of the cpu schedule (one table in RESULTS.md; the real-image
+# rows and the teacher are the cpu schedule's: no generator in them)
 SCHEDULES['cpu-3x'] = {
     'mnist': {**SCHEDULES['cpu']['mnist'], 'stage1': {**SCHEDULES['cpu']['mnist']['stage1'], 'epochs': 6},
-              'ipcs': (1, 10)},
+              'ipcs': (1, 10), 'beside': 'cpu'},
 }
+
+
+def beside(dataset, name):
+    """The schedule whose rows a variant schedule (cpu-3x) is read beside, None for a schedule of its own."""
+    return SCHEDULES.get(name, {}).get(dataset, {}).get('beside')
 
 
 def schedule_for(dataset, name):

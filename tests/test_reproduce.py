@@ -115,10 +115,11 @@ def test_collect_keeps_kmeans_rows_apart_in_a_table_of_their_own(reports, tmp_pa
     assert text.split('## Stored sets')[0].rstrip() == table_before.split('<!-- measured results: end')[0].rstrip()
     kmeans_part = text.split('## Stored sets: random draw against k-means')[1]
     random_mean = made['random-ipc1']['rows'][0]['selected_top1_mean']
-    assert '| digits (cpu), ipc 1, hard |' in kmeans_part
-    assert f'| random real subset | {random_mean:.1f} ±' in kmeans_part and '| k-means real subset | 42.0 ±' in kmeans_part
     dim_mean = made['dim-s12-fixed-ipc1']['rows'][0]['selected_top1_mean']  # DiM: the dataset's last stage
-    assert f'| DiM fixed set, random draw | {dim_mean:.1f} ±' in kmeans_part and '| DiM fixed set, k-means | – |' in kmeans_part
+    # columns: DiM random draw, DiM k-means, random real, k-means real
+    row = [line for line in kmeans_part.splitlines() if line.startswith('| digits (cpu) | 1 | hard |')]
+    means = [cell.split(' ±')[0] for cell in row[0].split(' | ')[3:]] if len(row) == 1 else None
+    assert means == [f'{dim_mean:.1f}', '–', f'{random_mean:.1f}', '42.0']
 
 
 def _collect_edited(root, tmp_path, edit):
@@ -144,6 +145,36 @@ def test_rows_of_outdated_code_stay_in_results_json_but_in_no_table(reports, tmp
     assert len(after) == len(before)  # kept, with their commit
     assert '| random real subset |' not in text.split('## Waiting for a rerun')[0]
     assert 'digits convnet (cpu)' in text.split('## Waiting for a rerun')[1]
+
+
+def test_a_variant_schedule_is_one_table_beside_its_base_and_in_no_other(reports, tmp_path):
+    """cpu-3x's DiM rows sit beside the cpu schedule's (the real subsets read from cpu in both columns),
+    in no table of their own, not in the README table, the k-means table or the figure."""
+    from misc import readme_table, results_figure
+    from misc.results import markdown
+    out = tmp_path / 'results.json'
+    collect(str(reports[0]), str(out), str(tmp_path / 'RESULTS.md'))
+    base = [{**r, 'dataset': 'mnist', 'stages': '1' if r['method'] == 'dim' else None}
+            for r in json.loads(out.read_text())['records']]
+    variant = [{**r, 'schedule': {**r['schedule'], 'name': 'cpu-3x'}, 'mean': 77.7, 'std': 0.1}
+               for r in base if r['method'] == 'dim']
+    kmeans = [{**r, 'schedule': {**r['schedule'], 'name': 'cpu-3x'}, 'select': 'kmeans', 'mean': 88.8}
+              for r in base if r['method'] == 'dim']
+    records = base + variant + kmeans
+    text = markdown(records, {'mnist/cpu': {'stage1': 60.0}, 'mnist/cpu-3x': {'stage1': 180.0}})
+    assert '## mnist, cpu schedule, convnet' in text and 'cpu-3x schedule' not in text
+    table = text.split('## More compute: mnist, schedule cpu-3x beside cpu')[1]
+    assert 'Stage 1 for 6 epochs (cpu-3x) against 2 (cpu)' in table and 'cpu 1.0 min, cpu-3x 3.0 min' in table
+    cells = [[c.strip('| ').split(' ±')[0] for c in line.split(' | ')] for line in table.splitlines()
+             if line.startswith('| ') and not line.startswith('| set')]
+    rows = {first: rest for first, *rest in cells}
+    held = {r['method']: f"{r['mean']:.1f}" for r in base if r['selection'] == 'held-out' and r['ipc'] == 1}
+    assert rows['DiM fixed set, random draw'] == [held['dim'], '77.7']
+    assert rows['DiM fixed set, k-means'] == ['–', '88.8']
+    assert rows['random real subset (the same in both)'] == [held['random']] * 2
+    assert 'mnist (cpu-3x)' not in text.split('## More compute')[0]
+    assert 'cpu-3x' not in readme_table.build({'records': records})
+    assert set(results_figure.panels(records)) == {('mnist', 'cpu')}
 
 
 def test_kept_rows_from_before_the_hardware_was_recorded_say_none(reports, tmp_path):
