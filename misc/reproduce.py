@@ -26,7 +26,10 @@ chosen by k-means in the teacher's features (validate.py --select kmeans), tags 
 --soft-labels): first the teacher (the full row's first classifier, kept with --save-classifier; when the
 full row ran without keeping one, a one-seed row of its own, tag `teacher`), then, at each ipc, the soft
 twin of every hard row but the full one (tags ending in -soft), at the default temperature. --teacher PATH
-takes a classifier file kept by another run instead (for example the cpu schedule's, for cpu-3x).
+takes a classifier file kept by another run instead.
+
+--schedule cpu-3x (MNIST, stage 1 three times longer) runs the DiM rows only, read beside the cpu schedule's
+real-image rows; its teacher is the one the cpu schedule's run kept.
 """
 import argparse
 import glob
@@ -43,7 +46,8 @@ sys.path.insert(0, ROOT)
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 RESULTS_MD = os.path.join(ROOT, 'docs', 'RESULTS.md')
 
-from misc.schedules import KMEANS_SUFFIX, SCHEDULES, SOFT_SUFFIX, TEACHER_FILE, TEACHER_TAG, schedule_for  # noqa: E402
+from misc.schedules import (KMEANS_SUFFIX, SCHEDULES, SOFT_SUFFIX, TEACHER_FILE, TEACHER_TAG, beside,  # noqa: E402
+                            schedule_for)
 
 # Datasets of this script that the stages read under another --data: the lossy JPEG copy of CIFAR-10 in
 # shared/datasets is an image folder (train/<class>/, test/<class>/), kept apart from real CIFAR-10 so
@@ -87,6 +91,8 @@ class Reproduction:
         self.selects = tuple(getattr(args, 'select', None) or ('random',))
         self.only = getattr(args, 'only', None)
         self.given_teacher = getattr(args, 'teacher', None)
+        # a variant schedule (cpu-3x) runs its DiM rows only: the real-image rows and the teacher are its base's
+        self.base = beside(self.dataset, self.schedule_name)
 
     def started(self):
         """Whether an earlier run of this reproduction left anything under results/."""
@@ -168,7 +174,7 @@ class Reproduction:
             if self.args.rows and str(ipc) not in self.args.rows:
                 continue
             if ipc == 'full':  # hard labels only: the full row is where the teacher comes from
-                if 'hard' in self.labels:
+                if 'hard' in self.labels and not self.base:
                     yield 'full', self.full_flags()
                 continue
             for suffix, flags in labels:
@@ -179,7 +185,7 @@ class Reproduction:
                     for chosen, select in selects:
                         yield (f"{dim}-fixed-ipc{ipc}{chosen}{suffix}",
                                ['--pretrain-weight', weight, '--protocol', 'fixed', '--ipc', ipc, *select, *flags])
-                for chosen, select in selects:
+                for chosen, select in selects if not self.base else ():
                     yield f'random-ipc{ipc}{chosen}{suffix}', ['--baseline', 'random', '--ipc', ipc, *select, *flags]
 
     def full_flags(self):
@@ -190,6 +196,8 @@ class Reproduction:
         """The soft rows' teacher file, trained first if need be: the full row keeps its first classifier
         (--save-classifier) when it has yet to run; a full row that ran without keeping one gets a teacher
         row of its own (one seed, the full row's recipe). A schedule with teacher_epochs trains its own."""
+        if self.base:
+            return self.base_teacher()
         if self.s.get('teacher_epochs'):
             return self.teacher_chosen_on_held_out(self.s['teacher_epochs'])
         kept = self.path('full' + self.model_suffix, TEACHER_FILE)
@@ -201,6 +209,18 @@ class Reproduction:
         self.evaluate(f'eval {TEACHER_TAG}', TEACHER_TAG,
                       self.full_flags() + ['--num-eval', 1, '--save-classifier', own])
         return own
+
+    def base_teacher(self):
+        """A variant schedule's teacher: the one its base schedule's run kept (the same full-set recipe)."""
+        base = f'repro-{self.dataset}-{self.base}'
+        kept = sorted(glob.glob(os.path.join(self.results, f'{base}-{TEACHER_TAG}*', TEACHER_FILE)))
+        full = os.path.join(self.results, f'{base}-full{self.model_suffix}', TEACHER_FILE)
+        for path in [full] + kept:
+            if os.path.exists(path):
+                return path
+        raise SystemExit(f"error: the {self.schedule_name} schedule takes its teacher from the {self.base} schedule's run, "
+                         f"which kept none under results/{base}-*: run misc/reproduce.py {self.dataset} --schedule "
+                         f"{self.base} --labels soft (or --select kmeans) first, or give --teacher")
 
     def teacher_chosen_on_held_out(self, candidates):
         """A teacher longer trained than the full row: one seed of the full-set recipe per candidate number
@@ -278,8 +298,8 @@ def get_parser():
                         "ending in -kmeans; the teacher is trained first if no row kept one")
     p.add_argument('--teacher', default=None, metavar='PATH',
                    help="a classifier file (validate.py --save-classifier) to use as the teacher of --labels soft and "
-                        "--select kmeans instead of training one, e.g. the cpu schedule's "
-                        "results/repro-mnist-cpu-full/teacher.pth for cpu-3x, whose full row is the same")
+                        "--select kmeans instead of training one (default: the full row's, or a variant schedule's "
+                        "base schedule's)")
     p.add_argument('--resume', action='store_true',
                    help='continue the earlier run of this reproduction (also to add rows or models to it): '
                         'finished steps are skipped, a stopped stage continues where it stopped')

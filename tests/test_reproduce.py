@@ -423,12 +423,20 @@ def test_reproduce_select_kmeans_adds_kmeans_twins_of_the_fixed_and_random_rows(
 def test_reproduce_cpu_3x_schedule_is_mnist_with_three_times_stage_1(tmp_path, monkeypatch):
     calls = _record_runs(tmp_path, monkeypatch, 'model_dict_5.pth')
     args = Namespace(dataset='mnist', schedule='cpu-3x', data_dir='data', device='cpu', rows=None, eval_model=None,
-                     select=['random', 'kmeans'], only=['dim-s1-fixed-ipc10-kmeans', 'dim-s1-onthefly-ipc10'])
-    reproduce.Reproduction(args).all()
+                     select=['random', 'kmeans'])
+    with pytest.raises(SystemExit, match="takes its teacher from the cpu schedule's run"):
+        reproduce.Reproduction(args).all()
     stage1 = calls[0][1]
     assert stage1[stage1.index('--epochs') + 1] == str(3 * reproduce.schedule_for('mnist', 'cpu')['stage1']['epochs'])
-    assert _tags(calls) == ['repro-mnist-cpu-3x-s1', 'repro-mnist-cpu-3x-full', 'repro-mnist-cpu-3x-dim-s1-onthefly-ipc10',
-                            'repro-mnist-cpu-3x-dim-s1-fixed-ipc10-kmeans']
+    teacher = tmp_path / 'results' / 'repro-mnist-cpu-full' / 'teacher.pth'
+    teacher.parent.mkdir(parents=True)
+    teacher.write_text('')
+    reproduce.Reproduction(args).all()  # stage 1 is done: the rows only
+    # the DiM rows only (real images and the full set are the cpu schedule's), k-means in cpu's teacher
+    assert [t[len('repro-mnist-cpu-3x-'):] for t in _tags(calls)] == [
+        's1', 'dim-s1-onthefly-ipc1', 'dim-s1-fixed-ipc1', 'dim-s1-fixed-ipc1-kmeans',
+        'dim-s1-onthefly-ipc10', 'dim-s1-fixed-ipc10', 'dim-s1-fixed-ipc10-kmeans']
+    assert all(f[f.index('--select-features') + 1] == str(teacher) for _, f in calls if '--select' in f)
     with pytest.raises(SystemExit, match='no cpu-3x schedule for digits'):
         reproduce.schedule_for('digits', 'cpu-3x')
 
@@ -453,7 +461,8 @@ def test_reproduce_teacher_flag_takes_another_runs_classifier_and_trains_none(tm
             assert flags[flags.index('--select-features') + 1] == str(teacher)
         if '--soft-labels' in flags:
             assert flags[flags.index('--soft-labels') + 1] == str(teacher)
-    assert sum('--select' in f for _, f in calls) == 4 and sum('--soft-labels' in f for _, f in calls) == 5
+    # cpu-3x runs DiM rows only: on the fly, fixed and fixed k-means, hard and soft
+    assert sum('--select' in f for _, f in calls) == 2 and sum('--soft-labels' in f for _, f in calls) == 3
 
 
 def test_reproduce_teacher_epochs_trains_each_candidate_and_keeps_the_best_on_held_out_images(tmp_path, monkeypatch):
