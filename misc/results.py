@@ -195,6 +195,7 @@ def markdown(records, stage_times):
     outdated = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records if not is_current(r)})
     records = [r for r in records if is_current(r)]
     keys = sorted({(r['dataset'], r['schedule']['name'], r['arch']) for r in records if stands_alone(r)})
+    timed = set()
     for dataset, schedule, arch in keys:
         mine = [with_defaults(r) for r in records if r['dataset'] == dataset and r['schedule']['name'] == schedule
                 and r['arch'] == arch and r['selection'] == 'held-out' and select_of(r) != 'kmeans']
@@ -219,7 +220,9 @@ def markdown(records, stage_times):
         soft = [r for r in mine if r['labels'] == 'soft']
         if soft:
             lines += soft_table(mine, soft, ipcs, full)
-        times = stage_times.get(f'{dataset}/{schedule}', {})
+        # the stages' wall times once, under the first table of the run (its other architectures share them)
+        times = stage_times.get(f'{dataset}/{schedule}', {}) if (dataset, schedule) not in timed else {}
+        timed.add((dataset, schedule))
         if times:  # the device and torch; the hardware stays in results.json
             first = mine[0] if mine else {}
             where = f"{first.get('device', '?')}, torch {first.get('torch', '?')}"
@@ -252,7 +255,7 @@ def kmeans_table(records):
         return []
     last_stage = {(r['dataset'], r['schedule']['name']): r['stages'] for r in mine if r['stages'] == '1+2'}
     lines = ['## Stored sets: random draw against k-means', '',
-             "`validate.py --select kmeans` in the full-set teacher's features; ConvNet-3, held-out selection.", '',
+             "ConvNet-3, held-out selection, `--select kmeans` in the full-set teacher's features.", '',
              '| dataset (schedule) | ipc | labels | ' + ' | '.join(title for title, _ in SET_KINDS) + ' |',
              '|---|---|---|' + '---|' * len(SET_KINDS)]
     for dataset, schedule, ipc, labels in rows:
@@ -270,8 +273,8 @@ def kmeans_table(records):
 VARIANT_ROWS = [('DiM, on the fly', dict(method='dim', protocol='onthefly'), False),
                 ('DiM fixed set, random draw', dict(method='dim', protocol='fixed', select='random'), False),
                 ('DiM fixed set, k-means', dict(method='dim', protocol='fixed', select='kmeans'), False),
-                ('random real subset (the same in both)', dict(method='random', select='random'), True),
-                ('k-means real subset (the same in both)', dict(method='random', select='kmeans'), True)]
+                ('random real subset', dict(method='random', select='random'), True),
+                ('k-means real subset', dict(method='random', select='kmeans'), True)]
 
 
 def variant_tables(records, stage_times):
@@ -288,8 +291,8 @@ def variant_tables(records, stage_times):
         columns = [(schedule, ipc) for ipc in ipcs for schedule in (base, variant)]
         epochs = {s: schedule_for(dataset, s)['stage1']['epochs'] for s in (base, variant)}
         lines += [f'## More compute: {dataset}, schedule {variant} beside {base}', '',
-                  f"Stage 1 for {epochs[variant]} epochs ({variant}) against {epochs[base]} ({base}); ConvNet-3, "
-                  f"hard labels, held-out selection; k-means in the {base} schedule's teacher's features.", '',
+                  f"Stage 1 for {epochs[variant]} epochs ({variant}), {epochs[base]} ({base}); real images: {base}'s "
+                  f"rows in both; ConvNet-3, hard labels.", '',
                   '| set | ' + ' | '.join(f'{s}, ipc {i}' for s, i in columns) + ' |', '|---|' + '---|' * len(columns)]
         for title, match, from_base in VARIANT_ROWS:
             cells = []
