@@ -213,9 +213,9 @@ class Reproduction:
     def base_teacher(self):
         """A variant schedule's teacher: the one its base schedule's run kept (the same full-set recipe)."""
         base = f'repro-{self.dataset}-{self.base}'
-        kept = sorted(glob.glob(os.path.join(self.results, f'{base}-{TEACHER_TAG}*', TEACHER_FILE)))
-        full = os.path.join(self.results, f'{base}-full{self.model_suffix}', TEACHER_FILE)
-        for path in [full] + kept:
+        # the two files teacher() keeps: the full row's classifier, or its own teacher row's
+        for tag in ('full', TEACHER_TAG):
+            path = os.path.join(self.results, f'{base}-{tag}{self.model_suffix}', TEACHER_FILE)
             if os.path.exists(path):
                 return path
         raise SystemExit(f"error: the {self.schedule_name} schedule takes its teacher from the {self.base} schedule's run, "
