@@ -245,9 +245,13 @@ class Reproduction:
     def all(self):
         print(f"{self.dataset}, schedule {self.schedule_name}: {json.dumps(self.s)}")
         print(f"log of every step: {os.path.relpath(self.log, ROOT)}")
-        generators = {'1': self.stage1()}
-        if self.s.get('stage2'):
-            generators['1+2'] = self.stage2(generators['1'])
+        # rows of real images alone (--only random-ipc10 full) need no generator: the stages run for DiM rows
+        wanted = [tag for tag, _ in self.rows() if not self.only or tag in self.only]
+        generators = None
+        if any(tag.startswith('dim-') for tag in wanted):
+            generators = {'1': self.stage1()}
+            if self.s.get('stage2'):
+                generators['1+2'] = self.stage2(generators['1'])
         # each set of labels asked for: (tag suffix, extra validate.py flags); the teacher comes first
         labels = [('', [])] if 'hard' in self.labels else []
         teacher = None

@@ -307,13 +307,23 @@ def test_reproduce_only_runs_the_rows_of_those_tags(tmp_path, monkeypatch):
     args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=['50'], eval_model=None,
                      labels=['hard', 'soft'], only=['random-ipc50-soft', 'dim-s12-fixed-ipc50'])
     reproduce.Reproduction(args).all()
-    # the stages and the teacher (the full row) still run; of the rows only the two tags, in schedule order
+    # a DiM row asked for: the stages run, and the teacher (the full row); of the rows only the two tags
     assert _tags(calls) == ['repro-digits-cpu-s1', 'repro-digits-cpu-s2', 'repro-digits-cpu-full',
                             'repro-digits-cpu-dim-s12-fixed-ipc50', 'repro-digits-cpu-random-ipc50-soft']
     monkeypatch.setattr(sys, 'argv', ['reproduce.py', 'digits', '--rows', '50', '--only', 'random-ipc50-soft'])
     with pytest.raises(SystemExit, match=r"--only random-ipc50-soft: not a row of this schedule, --rows and "
                                          r"--labels; its rows are dim-s1-onthefly-ipc50, .*, random-ipc50$"):
         reproduce.main()  # hard labels only: no soft row to pick
+
+
+def test_reproduce_only_rows_of_real_images_train_no_generator(tmp_path, monkeypatch):
+    """A second process beside one training stage 1 (--only its real-image rows) must not train it too."""
+    calls = _record_runs(tmp_path, monkeypatch, 'model_dict_49.pth')
+    args = Namespace(dataset='digits', schedule='cpu', data_dir=None, device='cpu', rows=['1', 'full'],
+                     eval_model=None, labels=['hard', 'soft'], only=['random-ipc1', 'random-ipc1-soft'])
+    reproduce.Reproduction(args).all()
+    assert _tags(calls) == ['repro-digits-cpu-full', 'repro-digits-cpu-random-ipc1',
+                            'repro-digits-cpu-random-ipc1-soft']  # the teacher (full row), then the two rows
 
 
 def test_reproductions_side_by_side_keep_each_others_times(tmp_path, monkeypatch):
