@@ -24,9 +24,13 @@ chosen by k-means in the teacher's features (validate.py --select kmeans), tags 
 
 --labels soft (or --labels hard soft) adds rows trained on a teacher's soft labels (validate.py
 --soft-labels): first the teacher (the full row's first classifier, kept with --save-classifier; when the
-full row ran without keeping one, a one-seed row of its own, tag `teacher`), then, at each ipc, the soft
+full row ran without keeping one, a one-seed row of its own, tag `teacher`; a schedule with teacher_epochs
+trains one per length and keeps the best on held-out images), then, at each ipc, the soft
 twin of every hard row but the full one (tags ending in -soft), at the default temperature. --teacher PATH
 takes a classifier file kept by another run instead.
+
+--only TAG... runs those rows alone: two one-thread processes can share a reproduction (one training stage
+1 and its DiM rows, the other --only real-image rows, which train no generator).
 
 --schedule cpu-3x (MNIST, stage 1 three times longer) runs the DiM rows only, read beside the cpu schedule's
 real-image rows; its teacher is the one the cpu schedule's run kept.
