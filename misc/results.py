@@ -210,8 +210,10 @@ def markdown(records, stage_times):
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         full = _cell(mine, method='full', labels='hard')
         ipcs = sorted({r['ipc'] for r in mine if r['ipc'] is not None})
-        for ipc in sorted({r['ipc'] for r in mine if r['ipc'] is not None and r['labels'] == 'hard'}):
-            cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels='hard') for _, match in columns] + [full]
+        hard_ipcs = sorted({r['ipc'] for r in mine if r['ipc'] is not None and r['labels'] == 'hard'})
+        for ipc in hard_ipcs:
+            cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels='hard') for _, match in columns]
+            cells += [full if ipc == hard_ipcs[0] else '']  # the full set has no ipc: once, as in the README
             cells += [str(quoted[k].get(ipc, '–')) for k in qcols]
             lines.append('| ' + ' | '.join(cells) + ' |')
         if quoted:
@@ -316,19 +318,21 @@ def soft_table(mine, soft, ipcs, full):
             if any(all(r.get(k) == v for k, v in match.items()) for r in soft)]
     header = ['ipc'] + [f'{title}, {labels}' for title, _ in cols for labels in ('hard', 'soft')]
     header += ['full training set (hard)']
-    lines = ['', "Hard against soft labels (`validate.py --soft-labels`, a full-set teacher):", '',
+    lines = ['', "Hard against soft labels (`validate.py --soft-labels`):", '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for ipc in ipcs:
         cells = [str(ipc)] + [_cell(mine, **match, ipc=ipc, labels=labels) for _, match in cols
-                              for labels in ('hard', 'soft')] + [full]
+                              for labels in ('hard', 'soft')] + [full if ipc == ipcs[0] else '']
         lines.append('| ' + ' | '.join(cells) + ' |')
     teachers = {(r['teacher'] or {}).get('sha256'): r for r in soft}
+    described = []
     for sha, r in sorted(teachers.items(), key=lambda item: str(item[0])):
         t = r['teacher'] or {}
         accuracy = f"{t['test_top1']:.1f}%" if t.get('test_top1') is not None else 'not recorded'
-        lines += ['', f"Teacher: {t.get('architecture', '?')} (sha256 {str(sha)[:12]}), test top-1 {accuracy}; "
-                  f"temperature {r['temperature']:g}."]
-    return lines
+        described.append(f"{t.get('architecture', '?')} (sha256 {str(sha)[:12]}), test top-1 {accuracy}")
+    temperatures = '/'.join(sorted({f"{r['temperature']:g}" for r in soft}))
+    return lines + ['', f"Teacher{'s' if len(described) > 1 else ''}: {'; '.join(described)}; "
+                    f"temperature {temperatures}."]
 
 
 if __name__ == '__main__':

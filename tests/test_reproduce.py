@@ -597,3 +597,18 @@ def test_compare_shows_the_labels_of_hard_and_soft_reports(reports, soft_reports
                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert brief[0].startswith('| trained on | distinct training images | labels | test BN |')
     assert brief[2].split(' | ')[2] == 'hard' and brief[3].split(' | ')[2] == 'soft, T 20'
+
+
+def test_tables_give_the_full_training_set_once_in_the_first_row():
+    """The full set has no ipc: its cell is in the ipc-1 row of each table (hard and soft), blank below."""
+    from misc.results import markdown
+    with open(os.path.join(ROOT, 'docs', 'results.json')) as f:
+        records = json.load(f)['records']
+    full = next(r for r in records if r['dataset'] == 'digits' and r['method'] == 'full' and r['arch'] == 'convnet'
+                and r['selection'] == 'held-out' and r['schedule']['name'] == 'cpu')
+    cell = f"{full['mean']:.1f} ± {full['std']:.1f}"
+    section = markdown(records, {}).split('## digits, cpu schedule, convnet')[1].split('\n## ')[0]
+    rows = [line for line in section.splitlines() if line.startswith('| 1 |') or line.startswith('| 10 |')]
+    assert len(rows) == 4  # the hard table and the soft one
+    assert [row.endswith(f'| {cell} |') for row in rows] == [True, False, True, False]
+    assert all(row.endswith('|  |') for row in rows if row.startswith('| 10 |'))
