@@ -11,7 +11,7 @@ import torch
 
 from data.datasets import load_dataset
 from misc import reproduce
-from misc.results import BEGIN, END, TAG, collect
+from misc.results import BEGIN, END, TAG, collect, markdown
 from tests.helpers import ROOT, eval_args, save_tiny_generator
 from validate import run_evaluation
 
@@ -151,7 +151,6 @@ def test_a_variant_schedule_is_one_table_beside_its_base_and_in_no_other(reports
     """cpu-3x's DiM rows sit beside the cpu schedule's (the real subsets read from cpu in both columns),
     in no table of their own, not in the README table, the k-means table or the figure."""
     from misc import readme_table, results_figure
-    from misc.results import markdown
     out = tmp_path / 'results.json'
     collect(str(reports[0]), str(out), str(tmp_path / 'RESULTS.md'))
     base = [{**r, 'dataset': 'mnist', 'stages': '1' if r['method'] == 'dim' else None}
@@ -601,7 +600,6 @@ def test_compare_shows_the_labels_of_hard_and_soft_reports(reports, soft_reports
 
 def test_tables_give_the_full_training_set_once_in_the_first_row():
     """The full set has no ipc: its cell is in the ipc-1 row of each table (hard and soft), blank below."""
-    from misc.results import markdown
     with open(os.path.join(ROOT, 'docs', 'results.json')) as f:
         records = json.load(f)['records']
     full = next(r for r in records if r['dataset'] == 'digits' and r['method'] == 'full' and r['arch'] == 'convnet'
